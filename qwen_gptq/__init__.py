@@ -1,0 +1,3 @@
+"""qwen-gptq: GPTQ quantization of Qwen checkpoints into the AutoGPTQ format."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""Calibration data: read, validate, and turn into ChatML token ids.
+
+Accepted inputs (a JSON list, or JSON Lines with one sample per line):
+
+    {"id": ..., "conversations": [{"from": "user"|"assistant"|"system", "value": str}, ...]}
+    {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}
+    {"text": str}
+
+Conversations become ChatML the way Qwen's run_gptq.py builds them: a system turn
+("You are a helpful assistant." unless the sample brings its own), then
+`<|im_start|>{role}\\n{value}<|im_end|>\\n` per turn; a conversation that starts
+with an assistant turn loses that turn, as run_gptq.py does. Every sample is
+truncated to max_len tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadInput
+
+log = logging.getLogger("qwen_gptq")
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Sample:
+    """One validated sample: a conversation (list of (role, text)) or plain text."""
+
+    messages: list[tuple[str, str]] | None = None
+    text: str | None = None
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    """Read and validate a calibration file; BadInput names the sample and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"calibration file {str(path)!r} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read calibration file {str(path)!r}: {e}") from None
+    items = _parse(raw, path)
+    if not items:
+        raise BadInput(f"calibration file {str(path)!r} holds no samples")
+    return [_validate(i, item) for i, item in enumerate(items)]
+
+
+def _parse(raw: str, path: Path) -> list:
+    stripped = raw.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        return data
+    if stripped.startswith("{"):
+        # A single JSON object, or JSON Lines.
+        try:
+            data = json.loads(raw)
+            if isinstance(data, dict) and ("conversations" in data or "messages" in data or "text" in data):
+                return [data]
+        except json.JSONDecodeError:
+            pass
+        items = []
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        return items
+    raise BadInput(
+        f"{path}: expected a JSON list of samples or JSON Lines, got "
+        f"{'an empty file' if not stripped else repr(stripped[:20])}"
+    )
+
+
+def _validate(i: int, item) -> Sample:
+    where = f"sample {i}"
+    if not isinstance(item, dict):
+        raise BadInput(f"{where}: expected an object, got {type(item).__name__}")
+    if "id" in item:
+        where += f" (id {item['id']!r})"
+    if "conversations" in item:
+        turns, role_key, text_key, field = item["conversations"], "from", "value", "conversations"
+    elif "messages" in item:
+        turns, role_key, text_key, field = item["messages"], "role", "content", "messages"
+    elif "text" in item:
+        text = item["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise BadInput(f"{where}: field 'text' must be a non-empty string")
+        return Sample(text=text)
+    else:
+        raise BadInput(f"{where}: needs a 'conversations', 'messages' or 'text' field (has {sorted(item)})")
+    if not isinstance(turns, list) or not turns:
+        raise BadInput(f"{where}: field {field!r} must be a non-empty list of turns")
+    messages = []
+    for j, turn in enumerate(turns):
+        at = f"{where}, {field}[{j}]"
+        if not isinstance(turn, dict):
+            raise BadInput(f"{at}: expected an object, got {type(turn).__name__}")
+        role, text = turn.get(role_key), turn.get(text_key)
+        if role not in ROLES:
+            raise BadInput(f"{at}: field {role_key!r} is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(text, str) or not text.strip():
+            raise BadInput(f"{at}: field {text_key!r} must be a non-empty string")
+        if role == "system" and j != 0:
+            raise BadInput(f"{at}: a system turn may only come first")
+        messages.append((role, text))
+    # run_gptq.py drops a leading non-user turn (other than the system prompt).
+    body = messages[1:] if messages[0][0] == "system" else messages
+    if body and body[0][0] == "assistant":
+        body = body[1:]
+    if not body:
+        raise BadInput(f"{where}: field {field!r} has no user or assistant turn")
+    system = messages[0][1] if messages[0][0] == "system" else SYSTEM_PROMPT
+    return Sample(messages=[("system", system)] + body)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def chatml_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """Token ids of a conversation in ChatML.
+
+    Uses the tokenizer's chat template when it has one; otherwise (Qwen1's tiktoken
+    tokenizer) builds the ids by hand from im_start/im_end, as run_gptq.py does.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    im_start, im_end = special_ids(tokenizer)
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for role, content in messages:
+        ids += [im_start] + tokenizer(role, add_special_tokens=False)["input_ids"] + nl
+        ids += tokenizer(content, add_special_tokens=False)["input_ids"] + [im_end] + nl
+    return ids
+
+
+def chatml_prompt_ids(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
+    """Ids of a one-turn chat prompt ending with the assistant's header (for generation)."""
+    messages = [("system", system), ("user", prompt)]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    im_start, _ = special_ids(tokenizer)
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return chatml_ids(tokenizer, messages) + [im_start] + tokenizer("assistant", add_special_tokens=False)["input_ids"] + nl
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(im_start, im_end) ids: Qwen1 tokenizers expose im_start_id/im_end_id."""
+    start = getattr(tokenizer, "im_start_id", None)
+    end = getattr(tokenizer, "im_end_id", None)
+    if start is None or end is None:
+        start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if start is None or end is None or start == unk or end == unk:
+            raise BadInput("the tokenizer has no chat template and no <|im_start|>/<|im_end|> tokens")
+    return int(start), int(end)
+
+
+def tokenize_samples(samples: list[Sample], tokenizer, max_len: int) -> list[torch.Tensor]:
+    """One 1-D LongTensor of ids per sample, truncated to max_len."""
+    out = []
+    for i, s in enumerate(samples):
+        if s.messages is not None:
+            ids = chatml_ids(tokenizer, s.messages)
+        else:
+            ids = tokenizer(s.text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise BadInput(f"sample {i}: tokenizes to no tokens")
+        out.append(torch.tensor(ids[:max_len], dtype=torch.long))
+    return out

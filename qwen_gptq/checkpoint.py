@@ -1,0 +1,235 @@
+"""Writing the quantized checkpoint (AutoGPTQ v1 "gptq" format).
+
+Output layout:
+
+    config.json                     the model's config plus `quantization_config`
+    quantize_config.json            the same block, as AutoGPTQ writes it
+    model.safetensors               or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    generation_config.json, tokenizer files, *.py / *.cu / *.cpp (remote code), LICENSE
+    quant_log.csv                   layer, module, loss, damp, seconds, tokens, method
+
+Everything is written into a hidden sibling directory which is renamed into place
+at the very end, so an interrupted run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import BadInput
+from .gptq import QuantConfig
+
+log = logging.getLogger("qwen_gptq")
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Files copied verbatim from the source model directory.
+COPY_PATTERNS = (
+    "*.py", "*.cu", "*.cpp", "*.cuh", "*.h",
+    "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "LICENSE", "LICENSE.*", "NOTICE",
+)
+
+
+def quantization_config(cfg: QuantConfig, model_name_or_path: str) -> dict:
+    """The block written to quantize_config.json and config.json's quantization_config."""
+    return {
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "damp_percent": cfg.damp_percent,
+        "desc_act": cfg.desc_act,
+        "static_groups": cfg.static_groups,
+        "sym": cfg.sym,
+        "true_sequential": cfg.true_sequential,
+        "model_name_or_path": model_name_or_path,
+        "model_file_base_name": "model",
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+    }
+
+
+# Keys whose values must agree between our settings and a --reference-config.
+SETTINGS_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "quant_method", "checkpoint_format")
+
+
+def check_reference_config(reference: dict, ours: dict, path: str) -> None:
+    ref_q = reference.get("quantization_config")
+    if not isinstance(ref_q, dict):
+        raise BadInput(f"--reference-config {path}: has no quantization_config block")
+    bad = [
+        f"{k}: reference {ref_q[k]!r}, ours {ours[k]!r}"
+        for k in SETTINGS_KEYS
+        if k in ref_q and ref_q[k] != ours[k] and not (k == "checkpoint_format" and ref_q[k] in (None, "gptq"))
+    ]
+    if bad:
+        raise BadInput(f"--reference-config {path} contradicts the quantization settings: " + "; ".join(bad))
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", text.upper())
+    if not m:
+        raise BadInput(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    number, unit = float(m.group(1)), (m.group(2) or "B")
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I") or ""]
+    size = int(number * base**power)
+    if size <= 0:
+        raise BadInput(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype):
+    """The tensors to save: packed Linears plus every other parameter in `dtype`.
+
+    Tied weights (lm_head tied to the embeddings) are saved once, under the name
+    the model's config expects to find.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        module, _, leaf = name.rpartition(".")
+        if module in packed and leaf == "weight":
+            continue
+        ptr = tensor.data_ptr()
+        if tied and ptr in seen:
+            log.debug("%s is tied to %s; saved once", name, seen[ptr])
+            continue
+        seen[ptr] = name
+        if tensor.is_floating_point():
+            if dtype == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
+                raise BadInput(f"{name} has values beyond float16's range; save with --dtype bfloat16")
+            tensor = tensor.to(dtype)
+        out[name] = tensor.contiguous()
+    for module, tensors in packed.items():
+        for k, v in tensors.items():
+            out[f"{module}.{k}"] = v.contiguous()
+    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> list[str]:
+    """Write model.safetensors, or shards plus an index. Returns the file names."""
+    shards = shard(state, max_bytes)
+    meta = {"format": "pt", "quantized_by": "qwen-gptq"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / WEIGHTS_NAME), metadata=meta)
+        return [WEIGHTS_NAME]
+    names, weight_map = [], {}
+    for i, s in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(s, str(out_dir / fname), metadata=meta)
+        names.append(fname)
+        weight_map.update({k: fname for k in s})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [INDEX_NAME]
+
+
+def copy_model_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in COPY_PATTERNS):
+            shutil.copyfile(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def write_config(src_config: dict, qconfig: dict, dtype: torch.dtype, out_dir: Path) -> dict:
+    config = dict(src_config)
+    config.pop("quantization_config", None)
+    config["quantization_config"] = qconfig
+    dtype_name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "torch_dtype":
+            config[key] = dtype_name
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
+    return config
+
+
+def write_quant_log(stats, out_dir: Path) -> None:
+    with open(out_dir / "quant_log.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "module", "loss", "damp", "seconds", "tokens", "method"])
+        for s in stats:
+            w.writerow([s.layer, s.module, f"{s.loss:.6g}", f"{s.damp:g}", f"{s.seconds:.4f}", s.tokens, s.method])
+
+
+def prepare_out_path(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output directory unless --overwrite (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out_path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"--out_path {out} exists and is not empty; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise BadInput(f"--out_path {out}: parent directory {out.parent} does not exist")
+
+
+@contextmanager
+def staging_dir(out: Path, overwrite: bool):
+    """Yield a temporary sibling directory; on success, swap it into place at `out`.
+
+    On an exception the staging directory is removed and `out` is untouched.
+    """
+    out = out.resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BadInput(f"--out_path {out} appeared while quantizing and is not empty; nothing was written")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def finalize_permissions(directory: Path) -> None:
+    """Plain 0644 files (safetensors writes 0600; copies of read-only sources stay read-only)."""
+    for f in directory.iterdir():
+        if f.is_file():
+            f.chmod(0o644)

@@ -1,0 +1,103 @@
+"""AutoGPTQ v1 ("gptq") checkpoint packing.
+
+The format, per quantized Linear with in_features K, out_features N, G groups:
+
+    qweight  int32   [K * bits / 32, N]   codes packed along the input dim
+    qzeros   int32   [G, N * bits / 32]   (zero point - 1) packed along the output dim
+    scales   float16 [G, N]
+    g_idx    int32   [K]                  group of each input column
+
+Packing is an LSB-first bit stream: value k of a run of 32 values occupies bits
+[k*bits, (k+1)*bits) of `bits` consecutive int32 words. For 2, 4 and 8 bits that is
+the familiar "value j of a word sits at bit j*bits"; for 3 bits values straddle
+word boundaries, exactly as AutoGPTQ's 3-bit layout does.
+
+A weight dequantizes as  W[n, k] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values [R, C] (each in [0, 2**bits)) along dim 0 into int32 [R*bits/32, C]."""
+    R, C = values.shape
+    if (R * bits) % 32 or (bits == 3 and R % 32):
+        raise ValueError(f"cannot pack {R} rows of {bits}-bit values into 32-bit words")
+    v = values.to(torch.int64) & (2**bits - 1)
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, device=v.device, dtype=torch.int64) * bits
+        words = (v.view(R // per_word, per_word, C) << shifts.view(1, -1, 1)).sum(dim=1)
+    else:
+        # General bit stream: 32 values fill `bits` words exactly.
+        v = v.view(R // 32, 32, C)
+        offset = torch.arange(32, device=v.device, dtype=torch.int64) * bits
+        word, shift = offset // 32, offset % 32
+        words = torch.zeros(R // 32, bits, C, dtype=torch.int64, device=v.device)
+        for k in range(32):
+            words[:, word[k]] |= (v[:, k] << shift[k]) & 0xFFFFFFFF
+            spill = shift[k] + bits - 32
+            if spill > 0:
+                words[:, word[k] + 1] |= v[:, k] >> (bits - spill)
+        words = words.view(R * bits // 32, C)
+    # Reinterpret the low 32 bits as a signed int32 (two's complement).
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of pack(): int32 [rows*bits/32, C] -> int32 values [rows, C]."""
+    C = words.shape[1]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    mask = 2**bits - 1
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, device=w.device, dtype=torch.int64) * bits
+        vals = (w.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+        return vals.reshape(rows, C).to(torch.int32)
+    w = w.view(rows // 32, bits, C)
+    offset = torch.arange(32, device=w.device, dtype=torch.int64) * bits
+    vals = torch.zeros(rows // 32, 32, C, dtype=torch.int64, device=w.device)
+    for k in range(32):
+        word, shift = int(offset[k]) // 32, int(offset[k]) % 32
+        v = w[:, word] >> shift
+        spill = shift + bits - 32
+        if spill > 0:
+            v = v | (w[:, word + 1] << (bits - spill))
+        vals[:, k] = v & mask
+    return vals.view(rows, C).to(torch.int32)
+
+
+def pack_linear(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, bits: int):
+    """The four tensors of a quantized Linear.
+
+    Q: codes [out, in]; scale: [groups, out]; zero: real zero points [groups, out];
+    g_idx: [in]. Returns a dict with qweight, qzeros, scales, g_idx (on Q's device).
+    """
+    return {
+        "qweight": pack(Q.T.contiguous(), bits),
+        "qzeros": pack((zero.to(torch.int64) - 1).T.contiguous(), bits).T.contiguous(),
+        "scales": scale.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).clone(),
+    }
+
+
+def unpack_linear(qweight, qzeros, bits: int, in_features: int, out_features: int):
+    """Codes [in, out] and real zero points [groups, out] from the packed tensors."""
+    q = unpack(qweight, bits, in_features)
+    z = unpack(qzeros.T.contiguous(), bits, out_features).T + 1
+    return q, z
+
+
+def dequantize_linear(qweight, qzeros, scales, g_idx, bits: int, dtype=torch.float32):
+    """The weight [out, in] a GPTQ loader computes from the packed tensors."""
+    in_features = g_idx.shape[0]
+    out_features = scales.shape[1]
+    q, z = unpack_linear(qweight, qzeros, bits, in_features, out_features)
+    g = g_idx.long()
+    w = scales.float()[g] * (q.float() - z.float()[g])  # [in, out]
+    return w.T.contiguous().to(dtype)
