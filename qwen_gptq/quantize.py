@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise BadInput(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise BadInput(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     if dev.type not in ("cpu", "cuda"):
