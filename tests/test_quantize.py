@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,14 +12,10 @@ from qwen_gptq.evaluate import eval_windows, perplexity
 from qwen_gptq.loader import load_quantized, read_tensors
 from qwen_gptq.quantize import QuantizeOptions, run
 
-from .conftest import CALIB, EVAL_TEXT, TINY
+from .conftest import CALIB, EVAL_TEXT, TINY, cli
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qwen_gptq", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def quantize(out, bits, **kw):
@@ -35,17 +29,6 @@ def ppl(directory):
     model, tok = load_quantized(directory)
     windows = eval_windows(tok, open(EVAL_TEXT, encoding="utf-8").read(), 64, 512)
     return perplexity(model, windows)
-
-
-@pytest.fixture(scope="session")
-def w4(tmp_path_factory):
-    """A w4g128 checkpoint through the CLI, sharded (--max-shard-size 10MB) to exercise the index."""
-    out = tmp_path_factory.mktemp("w4") / "qwen2-tiny-w4"
-    r = cli("quantize", "--model_name_or_path", TINY, "--data_path", CALIB, "--out_path", str(out),
-            "--bits", "4", "--group-size", "128", "--max_len", "512", "--num-samples", "128",
-            "--max-shard-size", "10MB", "--json")
-    assert r.returncode == 0, r.stderr
-    return out, json.loads(r.stdout)
 
 
 @pytest.mark.slow
