@@ -7,8 +7,10 @@ Exit codes: 0 ok, 1 a check or the run failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, QwenGPTQError
@@ -132,7 +134,7 @@ def _setup_logging(args):
         pass
 
 
-def cmd_quantize(args) -> int:
+def cmd_quantize(args, out) -> int:
     from .quantize import QuantizeOptions, run
 
     opts = QuantizeOptions(
@@ -146,30 +148,60 @@ def cmd_quantize(args) -> int:
     )
     result = run(opts)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=out)
     else:
         s = result["settings"]
-        print(f"wrote {result['out_path']}")
-        print(f"  model     {result['model']} ({result['family']})")
+        print(f"wrote {result['out_path']}", file=out)
+        print(f"  model     {result['model']} ({result['family']})", file=out)
         print(f"  settings  {s['bits']}-bit, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}, "
-              f"desc_act {s['desc_act']}, damp {s['damp_percent']}")
-        print(f"  data      {result['samples']} samples, {result['tokens']} tokens")
+              f"desc_act {s['desc_act']}, damp {s['damp_percent']}", file=out)
+        print(f"  data      {result['samples']} samples, {result['tokens']} tokens", file=out)
         for layer in result["layers"]:
-            print(f"  layer {layer['layer']:3d}  mean loss {layer['mean_loss']:.5g}")
-        print(f"  time      {result['wall_seconds']:.1f} s on {result['device']}")
+            print(f"  layer {layer['layer']:3d}  mean loss {layer['mean_loss']:.5g}", file=out)
+        print(f"  time      {result['wall_seconds']:.1f} s on {result['device']}", file=out)
     return 0
 
 
-def cmd_models(args) -> int:
+def cmd_models(args, out) -> int:
     from .families import FAMILIES
 
     if args.json:
         print(json.dumps([{"family": f.name, "model_types": list(f.model_types), "description": f.description,
-                           "remote_code": f.remote_code} for f in FAMILIES]))
+                           "remote_code": f.remote_code} for f in FAMILIES]), file=out)
     else:
         for f in FAMILIES:
-            print(f"{f.name:10s} model_type {', '.join(f.model_types):10s} {f.description}")
+            print(f"{f.name:10s} model_type {', '.join(f.model_types):10s} {f.description}", file=out)
     return 0
+
+
+@contextlib.contextmanager
+def _results_stdout():
+    """Keep stdout for our results alone.
+
+    Libraries we load (GPTQModel prints banners, kernel choices and warnings) may
+    write to stdout, even straight to file descriptor 1. While a command runs,
+    descriptor 1 and sys.stdout point at stderr; results go to the stream yielded
+    here, the real stdout.
+    """
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capsys, embedding)
+        yield sys.stdout
+        return
+    saved = os.dup(fd)
+    out = os.fdopen(saved, "w", encoding="utf-8", closefd=False)
+    real = sys.stdout
+    os.dup2(2, fd)
+    sys.stdout = sys.stderr
+    try:
+        yield out
+    finally:
+        out.flush()
+        sys.stderr.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+        sys.stdout = real
 
 
 def main(argv=None) -> int:
@@ -185,13 +217,14 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     _setup_logging(args)
     try:
-        if args.command == "quantize":
-            return cmd_quantize(args)
-        if args.command == "verify":
-            from .verify import cmd_verify
+        with _results_stdout() as out:
+            if args.command == "quantize":
+                return cmd_quantize(args, out)
+            if args.command == "verify":
+                from .verify import cmd_verify
 
-            return cmd_verify(args)
-        return cmd_models(args)
+                return cmd_verify(args, out)
+            return cmd_models(args, out)
     except QwenGPTQError as e:
         log.error("error: %s", e)
         return e.exit_code
@@ -201,7 +234,7 @@ def main(argv=None) -> int:
     except MemoryError:
         log.error("error: out of memory; use --device cuda, fewer --num-samples or a smaller --max_len")
         return EXIT_FAILED
-    except Exception as e:  # noqa: BLE001 - the last line of defence: a message, not a traceback
+    except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":
             log.error("error: the GPU ran out of memory (%s); try fewer --num-samples, a smaller --max_len "
                       "or --batch-size 1", str(e).splitlines()[0])

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch import nn
 
 from .errors import BadInput
 from .packing import dequantize_linear

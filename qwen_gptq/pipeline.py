@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BadInput, QuantizationFailed

@@ -282,9 +282,9 @@ def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int, device) -> 
 def check_transformers(path: Path, ours, windows: torch.Tensor, trust_remote_code: bool) -> Check:
     c = Check("transformers")
     try:
-        from transformers import AutoModelForCausalLM
         import gptqmodel  # noqa: F401
         import optimum  # noqa: F401
+        from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise BadInput(f"--loader transformers needs the gptqmodel extra (pip install 'qwen-gptq[gptqmodel]'): {e}") from None
     try:
@@ -301,7 +301,8 @@ def check_transformers(path: Path, ours, windows: torch.Tensor, trust_remote_cod
         b = ours(input_ids=w, use_cache=False).logits[0].float()
     rel = ((a - b).abs().mean() / b.std()).item()
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    kinds = sorted({type(m).__name__ for m in model.modules() if "QuantLinear" in type(m).__name__})
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if type(m).__module__.startswith(("gptqmodel", "auto_gptq")) and hasattr(m, "qweight")})
     c.figures = {"relative_mean_abs_diff": rel, "top1_agreement": top1, "tolerance": TRANSFORMERS_TOLERANCE,
                  "kernels": kinds}
     if rel > TRANSFORMERS_TOLERANCE:
@@ -398,16 +399,16 @@ def _report(path, checks, reply, t0) -> dict:
     }
 
 
-def cmd_verify(args) -> int:
+def cmd_verify(args, out) -> int:
     report = verify(args)
     if args.json:
-        print(json.dumps(report, ensure_ascii=False))
+        print(json.dumps(report, ensure_ascii=False), file=out)
     else:
-        print(f"verify {report['path']}")
+        print(f"verify {report['path']}", file=out)
         for c in report["checks"]:
-            print(f"  {c['status'].upper():4s}  {c['name']:12s} {c['message']}")
+            print(f"  {c['status'].upper():4s}  {c['name']:12s} {c['message']}", file=out)
             for p in c["problems"][10:]:
-                print(f"        {p}")
-        print("OK" if report["ok"] else "FAILED")
+                print(f"        {p}", file=out)
+        print("OK" if report["ok"] else "FAILED", file=out)
     return 0 if report["ok"] else 1
 

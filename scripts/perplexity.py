@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen_gptq.evaluate import eval_windows, perplexity  # noqa: E402
-from qwen_gptq.loader import load_original, load_quantized  # noqa: E402
+from qwen_gptq.evaluate import eval_windows, perplexity
+from qwen_gptq.loader import load_original, load_quantized
 
 
 def main():
