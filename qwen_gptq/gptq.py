@@ -134,7 +134,7 @@ def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).item()
     damp = damp_percent
-    for attempt in range(max_tries):
+    for _ in range(max_tries):
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)

@@ -1,0 +1,65 @@
+"""Our output loads in the ecosystem: transformers' GPTQ path (optimum + gptqmodel) and AutoGPTQ itself.
+
+Both need optional installs. .ci/run installs them and sets QWEN_GPTQ_REQUIRE_ECOSYSTEM=1,
+which turns a missing install into a failure instead of a skip.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_gptq.loader import load_quantized
+
+from .conftest import EVAL_TEXT, ROOT, cli
+
+REQUIRED = os.environ.get("QWEN_GPTQ_REQUIRE_ECOSYSTEM") == "1"
+
+
+def _need(condition, why):
+    if not condition:
+        if REQUIRED:
+            pytest.fail(f"QWEN_GPTQ_REQUIRE_ECOSYSTEM=1 but {why}")
+        pytest.skip(why)
+
+
+@pytest.mark.slow
+@pytest.mark.ecosystem
+def test_transformers_gptq_path_matches_our_loader(w4):
+    _need(importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum"),
+          "the gptqmodel extra is not installed")
+    out, _ = w4
+    r = cli("verify", str(out), "--loader", "transformers", "--eval-text", EVAL_TEXT, "--max-new-tokens", "4",
+            "--json", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["transformers"]
+    assert check["status"] == "pass"
+    assert check["figures"]["kernels"], check
+    assert check["figures"]["relative_mean_abs_diff"] < 0.02
+    assert check["figures"]["top1_agreement"] > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.ecosystem
+def test_autogptq_loads_our_output(w4, tmp_path):
+    python = os.environ.get("AUTOGPTQ_PYTHON")
+    _need(python and Path(python).exists(), "AUTOGPTQ_PYTHON (a venv with auto-gptq==0.7.1) is not set")
+    out, _ = w4
+    model, tok = load_quantized(out)
+    ids = tok(open(EVAL_TEXT, encoding="utf-8").read()[:2000], add_special_tokens=False,
+              return_tensors="pt")["input_ids"][:, :128]
+    torch.save(ids, tmp_path / "ids.pt")
+    r = subprocess.run([python, str(ROOT / "scripts" / "autogptq_logits.py"), str(out), str(tmp_path / "ids.pt"),
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = torch.load(tmp_path / "logits.pt")
+    assert any("auto_gptq" in k for k in theirs["kernels"]), theirs["kernels"]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits[0].float()
+    rel = ((theirs["logits"] - ours).abs().mean() / ours.std()).item()
+    assert rel < 0.02, rel
+    assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
