@@ -156,6 +156,15 @@ def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     )
 
 
+def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
+    """Columns per lazy-batch block, chosen so that groups never straddle blocks:
+    a multiple of the group size when groups are small, a divisor of it otherwise."""
+    gs = group_size if group_size > 0 else columns
+    if gs <= blocksize:
+        return gs * (blocksize // gs)
+    return max(d for d in range(1, blocksize + 1) if gs % d == 0)
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     """Quantize W [rows, columns] column by column, compensating each column's error
     on the columns not yet quantized, weighted by the inverse Hessian.
@@ -163,9 +172,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     H is [columns, columns] float32 and is not modified.
     """
     rows, columns = W.shape
-    maxq = cfg.maxq
     gs = cfg.group_size if cfg.group_size > 0 else columns
     n_groups = math.ceil(columns / gs)
+    bs = block_size(cfg.group_size, columns, cfg.blocksize)
     W = W.float().clone()
     H = H.float().clone()
 
@@ -184,6 +193,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
         W = W[:, perm]
         H = H[perm][:, perm]
         invperm = torch.argsort(perm)
+    # Group of each column in quantization order: groups are formed in that order,
+    # except static groups, which keep the original column order.
+    order = perm if perm is not None else torch.arange(columns, device=W.device)
+    g_perm = (order // gs if static is not None else torch.arange(columns, device=W.device) // gs).to(torch.int32)
 
     Hinv, damp = inverse_hessian(H, cfg.damp_percent)
     del H
@@ -191,46 +204,36 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     Q = torch.zeros_like(W)
     Losses = torch.zeros_like(W)
     scales, zeros = [], []
-    # g_idx in quantization order; mapped back to the original order at the end.
-    g_perm = torch.empty(columns, dtype=torch.int32, device=W.device)
-    scale = zero = None
+    scale = torch.zeros(rows, device=W.device)
+    zero = torch.zeros(rows, device=W.device)
+    gs_in = gs if gs <= bs else 0  # groups start inside blocks (else only at block starts)
+    static_cols = g_perm.tolist() if static is not None else None
+    graphs = W.is_cuda and static is None and not cfg.mse and _graphs_enabled()
 
-    for i1 in range(0, columns, cfg.blocksize):
-        i2 = min(i1 + cfg.blocksize, columns)
+    for i1 in range(0, columns, bs):
+        i2 = min(i1 + bs, columns)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if static is not None:
-                g = (perm[col].item() if perm is not None else col) // gs
-                scale, zero = static[g]
-            elif col % gs == 0:
-                # A new group starts: its parameters come from the current (already
-                # error-compensated) weights of the group's columns.
-                group = torch.cat([W1[:, i:i + gs], W[:, i2:col + gs]], dim=1) if col + gs > i2 else W1[:, i:i + gs]
-                scale, zero = find_params(group, cfg.bits, cfg.sym, cfg.mse)
-                scales.append(scale)
-                zeros.append(zero)
-                g = col // gs
-            else:
-                g = col // gs
-            g_perm[col] = g
-
-            q = quantize(w, scale, zero, maxq)
-            dq = dequantize(q, scale, zero)
-            Q1[:, i] = q
-            Losses1[:, i] = (w - dq) ** 2 / d**2
-            err1 = (w - dq) / d
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err1
-
+        n_in = math.ceil(count / gs_in) if gs_in else 0
+        if static is None and not gs_in and i1 % gs == 0:
+            # A group larger than the block starts here: its parameters come from the
+            # current (error-compensated) block and the not yet updated rest of the group.
+            scale, zero = find_params(torch.cat([W1, W[:, i2:i1 + gs]], dim=1), cfg.bits, cfg.sym, cfg.mse)
+            scales.append(scale)
+            zeros.append(zero)
+        if graphs:
+            Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym)
+        else:
+            Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+            S1 = torch.zeros(n_in, rows, device=W.device)
+            Z1 = torch.zeros(n_in, rows, device=W.device)
+            per_col = [static[g] for g in static_cols[i1:i2]] if static is not None else None
+            quantize_block(W1, Hinv1, Q1, Err1, Losses1, scale, zero, S1, Z1, gs_in, cfg.bits, cfg.sym, cfg.mse,
+                           per_col)
+        if gs_in and static is None:
+            scales.extend(S1)
+            zeros.extend(Z1)
         Q[:, i1:i2] = Q1
         Losses[:, i1:i2] = Losses1 / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -259,6 +262,87 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
         losses=Losses.sum(dim=1),
         damp=damp,
     )
+
+
+def quantize_block(W1, Hinv1, Q1, Err1, Losses1, scale, zero, S1, Z1, gs_in, bits, sym, mse=False, per_col=None):
+    """The inner loop of GPTQ over one block of columns, in place.
+
+    W1 is updated as columns are quantized; Q1, Err1 and Losses1 receive the codes,
+    the scaled errors (w - q) / Hinv_cc and the per-weight losses. When groups start
+    inside the block (gs_in > 0) their parameters are computed here and written to
+    S1/Z1; otherwise `scale`/`zero` hold the current group's (or, with per_col, each
+    column has its own). No host synchronisation: the loop can be captured in a CUDA graph.
+    """
+    maxq = 2**bits - 1
+    for i in range(W1.shape[1]):
+        if per_col is not None:
+            scale, zero = per_col[i]
+        elif gs_in and i % gs_in == 0:
+            s, z = find_params(W1[:, i:i + gs_in], bits, sym, mse)
+            scale.copy_(s)
+            zero.copy_(z)
+            S1[i // gs_in].copy_(s)
+            Z1[i // gs_in].copy_(z)
+        w = W1[:, i]
+        q = quantize(w, scale, zero, maxq)
+        err = (w - dequantize(q, scale, zero)) / Hinv1[i, i]
+        Q1[:, i] = q
+        Losses1[:, i] = err**2
+        Err1[:, i] = err
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+#
+# The column loop launches a dozen small kernels per column: on a GPU it is bound by
+# launch overhead, not arithmetic. Captured once per block shape in a CUDA graph and
+# replayed, the same kernels run back to back without the host in the way.
+
+_GRAPHS: dict = {}
+
+
+def _graphs_enabled() -> bool:
+    import os
+
+    return os.environ.get("QWEN_GPTQ_CUDA_GRAPHS", "1") != "0"
+
+
+def clear_graphs() -> None:
+    _GRAPHS.clear()
+
+
+def _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, bits, sym):
+    rows, count = W1.shape
+    key = (W1.device, rows, count, gs_in, bits, sym)
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        dev = W1.device
+        t = {name: torch.zeros(rows, count, device=dev) for name in ("W1", "Q1", "Err1", "Losses1")}
+        t["Hinv1"] = torch.zeros(count, count, device=dev)
+        t["scale"], t["zero"] = torch.ones(rows, device=dev), torch.zeros(rows, device=dev)
+        t["S1"], t["Z1"] = torch.zeros(n_in, rows, device=dev), torch.zeros(n_in, rows, device=dev)
+        t["Hinv1"].copy_(torch.eye(count, device=dev))
+
+        def body():
+            quantize_block(t["W1"], t["Hinv1"], t["Q1"], t["Err1"], t["Losses1"], t["scale"], t["zero"],
+                           t["S1"], t["Z1"], gs_in, bits, sym)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            body()  # warm up (allocator, kernels) outside the capture
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        entry = _GRAPHS[key] = (graph, t)
+    graph, t = entry
+    t["W1"].copy_(W1)
+    t["Hinv1"].copy_(Hinv1)
+    t["scale"].copy_(scale)
+    t["zero"].copy_(zero)
+    graph.replay()
+    return (t["Q1"].clone(), t["Err1"].clone(), t["Losses1"].clone(), t["S1"].clone(), t["Z1"].clone())
 
 
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:

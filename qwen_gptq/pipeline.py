@@ -15,6 +15,7 @@ Hessian and are solved as one stacked matrix: their rows are independent given H
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import BadInput, QuantizationFailed
 from .families import Family, decoder_layers, get_module, layer_groups
-from .gptq import CholeskyFailed, QuantConfig, gptq, rtn
+from .gptq import CholeskyFailed, QuantConfig, clear_graphs, gptq, rtn
 from .packing import pack_linear
 
 log = logging.getLogger("qwen_gptq")
@@ -191,6 +192,7 @@ def quantize_model(
             mean = sum(s.loss for s in outcome.stats if s.layer == i) / max(1, sum(1 for s in outcome.stats if s.layer == i))
             bar.set_postfix(loss=f"{mean:.4g}")
     bar.close()
+    clear_graphs()
     return outcome
 
 
@@ -254,7 +256,7 @@ def _quantize_group(layer, layer_idx, names, batches, cfg, device, store, family
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _tf32(device.type == "cuda" and store_dtype_is_half(layer)):
             for b in batches:
                 state["valid"], state["fired"], state["seen"] = b.valid, set(), []
                 try:
@@ -309,6 +311,28 @@ def _quantize_group(layer, layer_idx, names, batches, cfg, device, store, family
             row += rows
         _sync(device)
         t["pack"] += time.perf_counter() - t0
+
+
+def store_dtype_is_half(layer) -> bool:
+    return next(layer.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 for the float32 Hessian products when activations are bf16/fp16.
+
+    Their mantissas (7 and 10 bits) fit TF32's 10 exactly, so the products are exact;
+    accumulation stays float32. Nothing is lost, and the matmuls run on tensor cores.
+    """
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def check_dims(layer: nn.Module, family: Family, bits: int, group_size: int) -> None:

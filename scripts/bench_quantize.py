@@ -38,7 +38,7 @@ SHAPES = {
 }
 
 
-def build(shape: str, layers: int | None, dtype):
+def build(shape: str, layers: int | None, dtype, device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     mt, hidden, inter, n_layers, heads, kv, head_dim, vocab, tied = SHAPES[shape]
@@ -49,8 +49,9 @@ def build(shape: str, layers: int | None, dtype):
         kw["head_dim"] = head_dim
     config = AutoConfig.for_model(mt, **kw)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval(), n_layers
+    with device:  # random init is fast on a GPU; the model then lives on CPU, as in `quantize`
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to("cpu").eval(), n_layers
 
 
 def main():
@@ -67,7 +68,7 @@ def main():
     device = torch.device(a.device)
 
     t0 = time.perf_counter()
-    model, full_layers = build(a.shape, a.layers, torch.bfloat16)
+    model, full_layers = build(a.shape, a.layers, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
     family = family_for(model.config.model_type)
     g = torch.Generator().manual_seed(0)
