@@ -9,8 +9,9 @@ precision. Adding a family is adding an entry to FAMILIES.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import BadInput
@@ -25,7 +26,7 @@ class Family:
     sequential: tuple[tuple[str, ...], ...]  # groups of Linear name patterns, in order
     keep: tuple[str, ...] = ()  # Linear name patterns left unquantized (MoE routers)
     remote_code: bool = False
-    tokenizer_files: tuple[str, ...] = field(default=())
+    moe: bool = False  # fused expert tensors are split into per-expert Linears (see unfuse_experts)
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -33,8 +34,9 @@ _DENSE = (_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.
 _MOE = (
     _ATTN,
     ("self_attn.o_proj",),
-    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
-    ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"),
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+     "mlp.gate_proj", "mlp.up_proj"),  # the last two: dense layers of MoE models (mlp_only_layers)
+    ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -67,6 +69,7 @@ FAMILIES: tuple[Family, ...] = (
         layers="model.layers",
         sequential=_MOE,
         keep=("mlp.gate", "mlp.shared_expert_gate"),
+        moe=True,
     ),
     Family(
         name="qwen3_moe",
@@ -75,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
         layers="model.layers",
         sequential=_MOE,
         keep=("mlp.gate",),
+        moe=True,
     ),
 )
 
@@ -134,3 +138,67 @@ def _match(name: str, pattern: str) -> bool:
         return name == pattern
     parts, pats = name.split("."), pattern.split(".")
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats))
+
+
+# --------------------------------------------------------------------------- MoE experts
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Per-expert gate_proj/up_proj/down_proj Linears computing what transformers'
+    fused experts module computes.
+
+    Recent transformers versions keep an MoE layer's experts as two 3-D tensors
+    (gate_up_proj [E, 2I, H], down_proj [E, H, I]); checkpoints on disk, GPTQ kernels
+    and every GPTQ loader name one Linear per expert: mlp.experts.{e}.gate_proj, ... .
+    This module has those names and the fused module's forward signature.
+    """
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn):
+        experts = []
+        E, two_i, H = gate_up.shape
+        inter = two_i // 2
+        for e in range(E):
+            m = nn.Module()
+            m.gate_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
+            m.up_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
+            m.down_proj = nn.Linear(inter, H, bias=False, device=down.device, dtype=down.dtype)
+            if gate_up.device.type != "meta":
+                m.gate_proj.weight.data.copy_(gate_up[e, :inter])
+                m.up_proj.weight.data.copy_(gate_up[e, inter:])
+                m.down_proj.weight.data.copy_(down[e])
+            experts.append(m)
+        super().__init__(experts)
+        self.num_experts = E
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            x = hidden_states[token_idx]
+            m = self[e]
+            y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+        return out
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module by UnfusedExperts, in place. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3:
+            parent, _, leaf = name.rpartition(".")
+            new = UnfusedExperts(gate_up.data, down.data, module.act_fn)
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            count += 1
+    return count
+
+
+def prepare(model: nn.Module, family: Family) -> nn.Module:
+    """Bring a loaded model into the module layout the family describes."""
+    if family.moe:
+        unfuse_experts(model)
+    return model

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import BadInput
+from .families import family_for, prepare
 from .packing import dequantize_linear
 
 
@@ -75,6 +76,7 @@ def load_quantized(model_dir: str | Path, dtype=torch.float32, device="cpu", tru
     tensors = read_tensors(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    prepare(model, family_for(config.model_type))
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
             parent, _, leaf = name.rpartition(".")

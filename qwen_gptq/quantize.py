@@ -18,7 +18,7 @@ import torch
 
 from . import calib, checkpoint
 from .errors import BadInput
-from .families import decoder_layers, family_for
+from .families import decoder_layers, family_for, prepare
 from .gptq import QuantConfig
 from .pipeline import check_dims, quantize_model
 
@@ -172,6 +172,7 @@ def run(o: QuantizeOptions) -> dict:
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, o.trust_remote_code)
+    prepare(model, family)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
     check_dims(layers[0], family, o.bits, o.group_size)

@@ -26,7 +26,7 @@ import torch
 
 from .calib import chatml_prompt_ids
 from .errors import BadInput
-from .families import decoder_layers, family_for, layer_groups
+from .families import decoder_layers, family_for, layer_groups, prepare
 from .packing import SUPPORTED_BITS
 
 log = logging.getLogger("qwen_gptq")
@@ -98,7 +98,8 @@ def _meta_model(path: Path, config: dict, trust_remote_code: bool):
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    return prepare(model, family_for(config.get("model_type")))
 
 
 def check_structure(path: Path, config: dict, q: dict, trust_remote_code: bool) -> Check:
