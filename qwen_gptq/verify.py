@@ -33,9 +33,9 @@ log = logging.getLogger("qwen_gptq")
 
 DEFAULT_PROMPT = "你好！Please introduce yourself in one sentence."
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "qwen.tiktoken")
-# Logits of transformers' GPTQ path vs our loader, both float32 on the same input:
+# Logits of an ecosystem loader (float16 kernels) vs our loader (float32) on the same input:
 # mean |difference| relative to the logits' standard deviation.
-TRANSFORMERS_TOLERANCE = 0.02
+ECOSYSTEM_TOLERANCE = 0.02
 
 
 @dataclass
@@ -61,8 +61,9 @@ def add_arguments(p, flag):
     flag(p, "--min_top1", type=float, default=0.8, metavar="FRAC", help="fail below this top-1 agreement")
     flag(p, "--prompt", default=DEFAULT_PROMPT, help="chat prompt for the generation check")
     flag(p, "--max_new_tokens", type=int, default=32, metavar="N", help="tokens to generate")
-    flag(p, "--loader", default="ours", choices=["ours", "transformers"],
-         help="'transformers' also loads through transformers' GPTQ path and compares logits")
+    flag(p, "--loader", default="ours", choices=["ours", "transformers", "gptqmodel"],
+         help="also load through transformers' GPTQ path (transformers) or GPTQModel.load (gptqmodel) "
+              "and compare logits with ours")
     flag(p, "--device", default="cpu", help="cpu, cuda or cuda:N")
     flag(p, "--trust_remote_code", action="store_true", help="allow the model's own code to run (Qwen1)")
     flag(p, "--json", action="store_true", help="print one JSON object on stdout")
@@ -280,36 +281,50 @@ def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int, device) -> 
     return tokenizer.decode(new), len(new)
 
 
-def check_transformers(path: Path, ours, windows: torch.Tensor, trust_remote_code: bool) -> Check:
-    c = Check("transformers")
+def check_ecosystem(path: Path, ours, windows: torch.Tensor, loader: str, trust_remote_code: bool) -> Check:
+    """Load with an ecosystem loader and compare its logits with our loader's.
+
+    loader "transformers": AutoModelForCausalLM.from_pretrained, i.e. transformers' own
+    GPTQ path (optimum + gptqmodel kernels). loader "gptqmodel": GPTQModel.load, which
+    also handles MoE models whose experts transformers keeps fused.
+    """
+    c = Check(loader)
     try:
-        import gptqmodel  # noqa: F401
+        import gptqmodel
         import optimum  # noqa: F401
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        raise BadInput(f"--loader transformers needs the gptqmodel extra (pip install 'qwen-gptq[gptqmodel]'): {e}") from None
+        raise BadInput(f"--loader {loader} needs the gptqmodel extra (pip install 'qwen-gptq[gptqmodel]'): {e}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float16,
-                                                     trust_remote_code=trust_remote_code)
+        if loader == "gptqmodel":
+            model = gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float16,
+                                                         trust_remote_code=trust_remote_code)
         model.eval()
     except Exception as e:  # noqa: BLE001 - report any loader failure as a failed check
-        c.fail(f"transformers could not load the directory: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        c.fail(f"{loader} could not load the directory: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
         c.message = c.problems[0]
         return c
     w = windows[:1, :128]
-    with torch.no_grad():
-        a = model(input_ids=w, use_cache=False).logits[0].float()
-        b = ours(input_ids=w, use_cache=False).logits[0].float()
+    try:
+        with torch.no_grad():
+            a = model(input_ids=w, use_cache=False).logits[0].float()
+            b = ours(input_ids=w, use_cache=False).logits[0].float()
+    except Exception as e:  # noqa: BLE001 - a loader that loads but cannot run fails the check
+        c.fail(f"{loader}'s model failed to run: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        c.message = c.problems[0]
+        return c
     rel = ((a - b).abs().mean() / b.std()).item()
     top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     kinds = sorted({type(m).__name__ for m in model.modules()
                     if type(m).__module__.startswith(("gptqmodel", "auto_gptq")) and hasattr(m, "qweight")})
-    c.figures = {"relative_mean_abs_diff": rel, "top1_agreement": top1, "tolerance": TRANSFORMERS_TOLERANCE,
+    c.figures = {"relative_mean_abs_diff": rel, "top1_agreement": top1, "tolerance": ECOSYSTEM_TOLERANCE,
                  "kernels": kinds}
-    if rel > TRANSFORMERS_TOLERANCE:
-        c.fail(f"logits differ from our loader's: mean |diff| / std = {rel:.4f} > {TRANSFORMERS_TOLERANCE}")
+    if rel > ECOSYSTEM_TOLERANCE:
+        c.fail(f"logits differ from our loader's: mean |diff| / std = {rel:.4f} > {ECOSYSTEM_TOLERANCE}")
     if not kinds:
-        c.fail("transformers loaded the model without any GPTQ QuantLinear")
+        c.fail(f"{loader} loaded the model without any GPTQ QuantLinear")
     c.message = c.problems[0] if c.problems else f"loaded with {', '.join(kinds)}; logits within {rel:.4f} of ours"
     return c
 
@@ -336,8 +351,8 @@ def verify(args) -> dict:
     reply = None
     if structure.status == "fail":
         checks += [Check(n, "skip", "skipped: the structure check failed") for n in ("generate", "closeness")]
-        if args.loader == "transformers":
-            checks.append(Check("transformers", "skip", "skipped: the structure check failed"))
+        if args.loader != "ours":
+            checks.append(Check(args.loader, "skip", "skipped: the structure check failed"))
         return _report(path, checks, reply, t0)
 
     gen = Check("generate")
@@ -378,14 +393,14 @@ def verify(args) -> dict:
     else:
         checks.append(Check("closeness", "skip", "skipped: no --original given"))
 
-    if args.loader == "transformers":
+    if args.loader != "ours":
         if model is None:
-            checks.append(Check("transformers", "skip", "skipped: our loader failed"))
+            checks.append(Check(args.loader, "skip", "skipped: our loader failed"))
         else:
             if windows is None:
                 text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else (args.prompt + " ") * 64
                 windows = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :128]
-            checks.append(check_transformers(path, model, windows, args.trust_remote_code))
+            checks.append(check_ecosystem(path, model, windows, args.loader, args.trust_remote_code))
     return _report(path, checks, reply, t0)
 
 

@@ -63,3 +63,44 @@ def test_autogptq_loads_our_output(w4, tmp_path):
     rel = ((theirs["logits"] - ours).abs().mean() / ours.std()).item()
     assert rel < 0.02, rel
     assert (theirs["logits"].argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.ecosystem
+def test_qwen1_remote_code_through_transformers(tmp_path):
+    """Qwen1's remote code: transformers loads the quantized directory with trust_remote_code."""
+    _need(importlib.util.find_spec("gptqmodel"), "the gptqmodel extra is not installed")
+    from .conftest import TINY
+    from .fixtures.make_qwen1 import make_qwen1
+    from .test_families import quantize
+
+    src = make_qwen1(TINY, tmp_path / "qwen1")
+    out = tmp_path / "q"
+    quantize(src, out, "--trust-remote-code", "--num-samples", "16", "--max_len", "128")
+    r = cli("verify", str(out), "--trust-remote-code", "--loader", "transformers", "--max-new-tokens", "4",
+            "--json", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ecosystem
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_moe_through_gptqmodel(tmp_path, model_type):
+    """MoE: GPTQModel.load splits transformers' fused experts and loads our per-expert tensors.
+
+    (transformers' own from_pretrained path, transformers 5.24 + optimum 2.3, leaves the
+    experts fused and cannot use per-expert GPTQ tensors; see the README.)
+    """
+    _need(importlib.util.find_spec("gptqmodel"), "the gptqmodel extra is not installed")
+    from .test_families import make_tiny, quantize
+
+    extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
+    if model_type == "qwen2_moe":
+        extra["shared_expert_intermediate_size"] = 256
+    src = make_tiny(tmp_path / "src", model_type, **extra)
+    out = tmp_path / "q"
+    quantize(src, out, "--num-samples", "16", "--max_len", "128")
+    r = cli("verify", str(out), "--loader", "gptqmodel", "--max-new-tokens", "4", "--json", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["gptqmodel"]
+    assert check["figures"]["relative_mean_abs_diff"] < 0.02 and check["figures"]["kernels"]
