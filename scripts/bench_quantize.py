@@ -64,12 +64,24 @@ def main():
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
+    p.add_argument("--compare", choices=["gptqmodel"], default=None,
+                   help="also quantize the same model, samples and settings with GPTQModel in this run")
     a = p.parse_args()
     device = torch.device(a.device)
 
     t0 = time.perf_counter()
     model, full_layers = build(a.shape, a.layers, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
+    model_src = None
+    if a.compare:
+        # GPTQModel loads from disk: save the same random weights (and a tokenizer it can open).
+        import shutil
+
+        model_src = Path(tempfile.mkdtemp()) / "model"
+        model.save_pretrained(model_src)
+        tiny = Path(__file__).resolve().parent.parent / "examples" / "qwen2-tiny"
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(tiny / f, model_src / f)
     family = family_for(model.config.model_type)
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, model.config.vocab_size, (a.seq_len,), generator=g) for _ in range(a.samples)]
@@ -102,7 +114,40 @@ def main():
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else 0,
         "peak_host_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
     }
+    if a.compare == "gptqmodel":
+        result["gptqmodel"] = run_gptqmodel(model_src, samples, a)
+        g = result["gptqmodel"]
+        result["speedup_per_layer"] = round(g["seconds_per_layer"] / per_layer, 2)
+        result["speedup_quantize"] = round(g["quantize_s"] / quant_s, 2)
     print(json.dumps(result))
+
+
+def run_gptqmodel(model_dir, samples, a):
+    """GPTQModel on the very same weights and token ids, same settings."""
+    import logging
+
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    logging.getLogger("gptqmodel").setLevel(logging.WARNING)
+    qcfg = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=False, sym=True, damp_percent=0.01)
+    # Warm-up on a throwaway copy with two short samples, so that GPTQModel's one-time
+    # kernel compilation is not counted against it.
+    warm = GPTQModel.load(str(model_dir), qcfg)
+    warm.quantize([{"input_ids": s[:64].tolist(), "attention_mask": [1] * 64} for s in samples[:2]], batch_size=1)
+    del warm
+    t0 = time.perf_counter()
+    model = GPTQModel.load(str(model_dir), qcfg)
+    load_s = time.perf_counter() - t0
+    data = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model.quantize(data, batch_size=1)
+    quant_s = time.perf_counter() - t0
+    layers = model.model.config.num_hidden_layers
+    return {"version": __import__("gptqmodel").__version__, "load_s": round(load_s, 2),
+            "quantize_s": round(quant_s, 2), "seconds_per_layer": round(quant_s / layers, 3),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if a.device.startswith("cuda") else 0}
 
 
 if __name__ == "__main__":
