@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(q, "--asym", dest="sym", action="store_false", help="asymmetric quantization (zero point per group)")
     _bool_pair(q, "true-sequential", True, "quantize q/k/v, o, gate/up, down one after another (--no-true-sequential: off)")
     _flag(q, "--static_groups", action="store_true", default=False, help="fix group parameters before the solve")
-    _flag(q, "--mse", action="store_true", default=False, help="search a clipping range per group minimising error")
+    _bool_pair(q, "mse", True, "per group, search a clipping range minimising the quantization error "
+               "(--no-mse: plain min-max scales)")
     _flag(q, "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     _flag(q, "--batch_size", type=int, default=1, metavar="N", help="calibration samples per forward pass")
     _flag(q, "--seed", type=int, default=None, metavar="S", help="shuffle the samples with this seed before --num-samples")

@@ -92,15 +92,18 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False):
         # Grid search over shrunk ranges (the reference implementation's `mse` option):
         # clipping a few outliers often lowers the total error of the group.
         best = _group_err(x, scale, zero, maxq)
-        for shrink in torch.arange(0.95, 0.49, -0.05).tolist():
+        for shrink in MSE_GRID:
             s, z = params(xmin * shrink, xmax * shrink)
             err = _group_err(x, s, z, maxq)
             better = err < best
-            if better.any():
-                best = torch.where(better, err, best)
-                scale = torch.where(better, s, scale)
-                zero = torch.where(better, z, zero)
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
     return scale, zero
+
+
+# Shrink factors of the clipping search: 0.95, 0.90, ..., 0.50 of the min-max range.
+MSE_GRID = tuple(round(1 - 0.05 * k, 2) for k in range(1, 11))
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -208,7 +211,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     zero = torch.zeros(rows, device=W.device)
     gs_in = gs if gs <= bs else 0  # groups start inside blocks (else only at block starts)
     static_cols = g_perm.tolist() if static is not None else None
-    graphs = W.is_cuda and static is None and not cfg.mse and _graphs_enabled()
+    graphs = W.is_cuda and static is None and _graphs_enabled()
 
     for i1 in range(0, columns, bs):
         i2 = min(i1 + bs, columns)
@@ -223,7 +226,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
             scales.append(scale)
             zeros.append(zero)
         if graphs:
-            Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym)
+            Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
         else:
             Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
             S1 = torch.zeros(n_in, rows, device=W.device)
@@ -311,9 +314,9 @@ def clear_graphs() -> None:
     _GRAPHS.clear()
 
 
-def _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, bits, sym):
+def _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, bits, sym, mse):
     rows, count = W1.shape
-    key = (W1.device, rows, count, gs_in, bits, sym)
+    key = (W1.device, rows, count, gs_in, bits, sym, mse)
     entry = _GRAPHS.get(key)
     if entry is None:
         dev = W1.device
@@ -325,7 +328,7 @@ def _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, bits, sym):
 
         def body():
             quantize_block(t["W1"], t["Hinv1"], t["Q1"], t["Err1"], t["Losses1"], t["scale"], t["zero"],
-                           t["S1"], t["Z1"], gs_in, bits, sym)
+                           t["S1"], t["Z1"], gs_in, bits, sym, mse)
 
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))

@@ -39,7 +39,7 @@ class QuantizeOptions:
     sym: bool = True
     true_sequential: bool = True
     static_groups: bool = False
-    mse: bool = False
+    mse: bool = True
     device: str = "auto"
     batch_size: int = 1
     seed: int | None = None
