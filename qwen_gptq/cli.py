@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     except QwenGPTQError as e:
         log.error("error: %s", e)
         return e.exit_code
+    except ImportError as e:  # e.g. a remote-code model needing a package that is not installed
+        log.error("error: a package is missing: %s", e)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         log.error("interrupted; nothing was written")
         return 130

@@ -15,7 +15,7 @@ import torch
 
 from qwen_gptq.loader import load_quantized
 
-from .conftest import EVAL_TEXT, ROOT, cli
+from .conftest import EVAL_TEXT, ROOT, cli_subprocess
 
 REQUIRED = os.environ.get("QWEN_GPTQ_REQUIRE_ECOSYSTEM") == "1"
 
@@ -33,7 +33,7 @@ def test_transformers_gptq_path_matches_our_loader(w4):
     _need(importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum"),
           "the gptqmodel extra is not installed")
     out, _ = w4
-    r = cli("verify", str(out), "--loader", "transformers", "--eval-text", EVAL_TEXT, "--max-new-tokens", "4",
+    r = cli_subprocess("verify", str(out), "--loader", "transformers", "--eval-text", EVAL_TEXT, "--max-new-tokens", "4",
             "--json", "-q")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["transformers"]
@@ -77,7 +77,7 @@ def test_qwen1_remote_code_through_transformers(tmp_path):
     src = make_qwen1(TINY, tmp_path / "qwen1")
     out = tmp_path / "q"
     quantize(src, out, "--trust-remote-code", "--num-samples", "16", "--max_len", "128")
-    r = cli("verify", str(out), "--trust-remote-code", "--loader", "transformers", "--max-new-tokens", "4",
+    r = cli_subprocess("verify", str(out), "--trust-remote-code", "--loader", "transformers", "--max-new-tokens", "4",
             "--json", "-q")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
@@ -100,7 +100,7 @@ def test_moe_through_gptqmodel(tmp_path, model_type):
     src = make_tiny(tmp_path / "src", model_type, **extra)
     out = tmp_path / "q"
     quantize(src, out, "--num-samples", "16", "--max_len", "128")
-    r = cli("verify", str(out), "--loader", "gptqmodel", "--max-new-tokens", "4", "--json", "-q")
+    r = cli_subprocess("verify", str(out), "--loader", "gptqmodel", "--max-new-tokens", "4", "--json", "-q")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["gptqmodel"]
     assert check["figures"]["relative_mean_abs_diff"] < 0.02 and check["figures"]["kernels"]

@@ -12,7 +12,7 @@ from qwen_gptq.evaluate import eval_windows, perplexity
 from qwen_gptq.loader import load_quantized, read_tensors
 from qwen_gptq.quantize import QuantizeOptions, run
 
-from .conftest import CALIB, EVAL_TEXT, TINY, cli
+from .conftest import CALIB, EVAL_TEXT, TINY, cli, cli_subprocess
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -138,7 +138,7 @@ def test_malformed_calibration_exit_2_before_loading(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"conversations": [{"from": "user", "value": "hi"}]},
                                {"conversations": [{"from": "user", "value": ""}]}]))
-    r = cli(*_args(tmp_path / "o", data=str(bad)))
+    r = cli_subprocess(*_args(tmp_path / "o", data=str(bad)))
     assert r.returncode == 2
     assert "sample 1, conversations[0]: field 'value' must be a non-empty string" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
@@ -173,7 +173,7 @@ def test_missing_model_and_nonempty_output(tmp_path):
 
 
 def test_help_has_example_and_exit_codes():
-    r = cli("quantize", "--help")
+    r = cli_subprocess("quantize", "--help")
     assert r.returncode == 0
     assert "example:" in r.stdout and "--model_name_or_path" in r.stdout and "exit codes" in r.stdout
     r = cli("models")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_gptq.cli import main
 
-from .conftest import EVAL_TEXT, TINY, cli
+from .conftest import EVAL_TEXT, TINY, cli, cli_subprocess
 
 
 def run_verify(capsys, *args):
@@ -116,7 +116,7 @@ def test_damage_is_found_and_named(damaged, damage, capsys):
 
 
 def test_not_a_checkpoint_is_bad_input(tmp_path):
-    r = cli("verify", str(tmp_path / "missing"))
+    r = cli_subprocess("verify", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no such directory" in r.stderr
     r = cli("verify", TINY)
     assert r.returncode == 2 and "not a GPTQ checkpoint" in r.stderr
