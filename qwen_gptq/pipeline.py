@@ -179,12 +179,13 @@ def quantize_model(
             groups = [[n for g in groups for n in g]]
         for names in groups:
             _quantize_group(layer, i, names, batches, cfg, device, store, family, outcome)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for b in batches:
-                b.hidden = _forward(layer, b, device).to(store)
-        _sync(device)
-        t["forward"] += time.perf_counter() - t0
+        if i + 1 < len(layers):  # the last layer's outputs feed nothing
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    b.hidden = _forward(layer, b, device).to(store)
+            _sync(device)
+            t["forward"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         layer.to(device="cpu", dtype=model_dtype)
         t["move"] += time.perf_counter() - t0
@@ -256,7 +257,7 @@ def _quantize_group(layer, layer_idx, names, batches, cfg, device, store, family
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), _tf32(device.type == "cuda" and store_dtype_is_half(layer)):
+        with torch.no_grad(), _tf32(device.type == "cuda" and _half_precision(layer)):
             for b in batches:
                 state["valid"], state["fired"], state["seen"] = b.valid, set(), []
                 try:
@@ -313,7 +314,7 @@ def _quantize_group(layer, layer_idx, names, batches, cfg, device, store, family
         t["pack"] += time.perf_counter() - t0
 
 
-def store_dtype_is_half(layer) -> bool:
+def _half_precision(layer) -> bool:
     return next(layer.parameters()).dtype in (torch.bfloat16, torch.float16)
 
 

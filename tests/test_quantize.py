@@ -39,8 +39,9 @@ def test_w4_quality_and_report(w4):
     assert all(x["mean_loss"] > 0 for x in report["layers"])
     assert report["settings"]["bits"] == 4 and report["wall_seconds"] > 0
     value = ppl(out)
-    # bf16 49.83, round-to-nearest 51.73, GPTQModel 51.22.
-    assert value <= 51.3, value
+    # bf16 49.83, round-to-nearest 51.73, GPTQModel 7.7 51.22. The quantize issue's bar is
+    # 51.3; the performance issue's "ahead of GPTQModel" bar is 51.0 (measured: 50.76).
+    assert value <= 51.0, value
 
 
 @pytest.mark.slow
@@ -108,7 +109,9 @@ def test_w3_quality(tmp_path):
     t = read_tensors(out)
     assert t["model.layers.0.mlp.down_proj.qweight"].shape == (1408 * 3 // 32, 512)
     value = ppl(out)
-    assert value <= 58.0, value  # round-to-nearest 60.97, GPTQModel 57.44
+    # round-to-nearest 60.97, GPTQModel 7.7 57.44; bars: 58.0 (quantize issue), 56.5
+    # (performance issue). Measured with the default clipping search: 52.65.
+    assert value <= 56.5, value
 
 
 # ----------------------------------------------------------------------------- bad input, exit 2
