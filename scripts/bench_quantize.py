@@ -64,6 +64,7 @@ def main():
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
+    p.add_argument("--no-mse", action="store_true", help="plain min-max scales (qwen-gptq's default is --mse)")
     p.add_argument("--compare", choices=["gptqmodel"], default=None,
                    help="also quantize the same model, samples and settings with GPTQModel in this run")
     a = p.parse_args()
@@ -85,7 +86,7 @@ def main():
     family = family_for(model.config.model_type)
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, model.config.vocab_size, (a.seq_len,), generator=g) for _ in range(a.samples)]
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size)
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, mse=not a.no_mse)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def main():
     n = model.config.num_hidden_layers
     per_layer = (quant_s - outcome.timings["capture"]) / n
     result = {
-        "shape": a.shape, "layers": n, "samples": a.samples, "seq_len": a.seq_len, "bits": a.bits,
+        "shape": a.shape, "layers": n, "mse": not a.no_mse, "samples": a.samples, "seq_len": a.seq_len, "bits": a.bits,
         "group_size": a.group_size, "device": str(device),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,

@@ -17,11 +17,13 @@ from qwen_gptq import gptq as G  # noqa: E402
 
 def main():
     torch.manual_seed(0)
-    for rows, cols, gs, bits in [(512, 1024, 128, 4), (384, 512, 32, 3), (256, 640, -1, 8), (256, 512, 256, 4)]:
+    cases = [(512, 1024, 128, 4, False), (384, 512, 32, 3, False), (256, 640, -1, 8, False), (256, 512, 256, 4, False),
+             (512, 1024, 128, 4, True), (384, 512, 32, 3, True)]
+    for rows, cols, gs, bits, mse in cases:
         W = torch.randn(rows, cols)
         X = torch.randn(4096, cols) * torch.linspace(0.1, 3, cols)
         H = 2 * X.T @ X / X.shape[0]
-        cfg = G.QuantConfig(bits=bits, group_size=gs)
+        cfg = G.QuantConfig(bits=bits, group_size=gs, mse=mse)
         ref = G.gptq(W, H, cfg)
         out = {}
         for graphs in ("0", "1"):
@@ -36,7 +38,7 @@ def main():
         e, g = out["0"][0], out["1"][0]
         same_codes = (e.Q == g.Q).float().mean().item()
         cpu_codes = (ref.Q == g.Q.cpu()).float().mean().item()
-        print(f"{rows}x{cols} g{gs} w{bits}: graph==eager codes {same_codes:.5f}, graph==cpu codes {cpu_codes:.5f}, "
+        print(f"{rows}x{cols} g{gs} w{bits} mse={mse}: graph==eager codes {same_codes:.5f}, graph==cpu codes {cpu_codes:.5f}, "
               f"loss eager {e.losses.sum():.4f} graph {g.losses.sum():.4f} cpu {ref.losses.sum():.4f}, "
               f"eager {out['0'][1]:.3f}s graph {out['1'][1]:.3f}s")
         assert same_codes > 0.999 and torch.allclose(e.scale, g.scale)
