@@ -129,37 +129,34 @@ def _validate(i: int, item) -> Sample:
 # --------------------------------------------------------------------------- tokenization
 
 
-def chatml_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
-    """Token ids of a conversation in ChatML.
+def chatml_ids(tokenizer, messages: list[tuple[str, str]], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation in ChatML (ending with the assistant's header when
+    add_generation_prompt).
 
     Uses the tokenizer's chat template when it has one; otherwise (Qwen1's tiktoken
     tokenizer) builds the ids by hand from im_start/im_end, as run_gptq.py does.
     """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=False
-        )
+
+    def encode(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if getattr(tokenizer, "chat_template", None):
+        return encode(tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        ))
     im_start, im_end = special_ids(tokenizer)
-    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    nl = encode("\n")
     ids: list[int] = []
     for role, content in messages:
-        ids += [im_start] + tokenizer(role, add_special_tokens=False)["input_ids"] + nl
-        ids += tokenizer(content, add_special_tokens=False)["input_ids"] + [im_end] + nl
+        ids += [im_start] + encode(role) + nl + encode(content) + [im_end] + nl
+    if add_generation_prompt:
+        ids += [im_start] + encode("assistant") + nl
     return ids
 
 
 def chatml_prompt_ids(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
     """Ids of a one-turn chat prompt ending with the assistant's header (for generation)."""
-    messages = [("system", system), ("user", prompt)]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    im_start, _ = special_ids(tokenizer)
-    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    return chatml_ids(tokenizer, messages) + [im_start] + tokenizer("assistant", add_special_tokens=False)["input_ids"] + nl
+    return chatml_ids(tokenizer, [("system", system), ("user", prompt)], add_generation_prompt=True)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

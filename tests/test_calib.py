@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_gptq.calib import SYSTEM_PROMPT, chatml_ids, read_samples, tokenize_samples
+from qwen_gptq.calib import SYSTEM_PROMPT, chatml_ids, chatml_prompt_ids, read_samples, tokenize_samples
 from qwen_gptq.errors import BadInput
 
 from .conftest import TINY
@@ -54,6 +54,8 @@ def test_hand_built_chatml_matches_template(tmp_path, tok):
             return self.t.convert_tokens_to_ids(x)
 
     assert chatml_ids(NoTemplate(tok), s.messages) == with_template
+    assert chatml_prompt_ids(NoTemplate(tok), "你好") == chatml_prompt_ids(tok, "你好")
+    assert tok.decode(chatml_prompt_ids(tok, "你好")).endswith("<|im_start|>assistant\n")
     assert tok.decode(with_template).startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
 
