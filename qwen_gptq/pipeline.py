@@ -178,7 +178,7 @@ def quantize_model(
         if not cfg.true_sequential:
             groups = [[n for g in groups for n in g]]
         for names in groups:
-            _quantize_group(layer, i, names, batches, cfg, device, store, family, outcome)
+            _quantize_group(layer, i, names, batches, cfg, device, family, outcome)
         if i + 1 < len(layers):  # the last layer's outputs feed nothing
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -219,7 +219,7 @@ def _storage_device(batches, device, layer, dtype) -> torch.device:
     return device if need + 4 * layer_bytes < 0.7 * free else torch.device("cpu")
 
 
-def _quantize_group(layer, layer_idx, names, batches, cfg, device, store, family, outcome):
+def _quantize_group(layer, layer_idx, names, batches, cfg, device, family, outcome):
     t = outcome.timings
     modules = {n: get_module(layer, n) for n in names}
     H: dict[str, torch.Tensor] = {}
