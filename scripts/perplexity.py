@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Perplexity of a model directory (original or GPTQ) under the project's protocol.
 
-    python scripts/perplexity.py DIR [--eval-text ../shared/data/eval.txt] [--windows 64] [--length 512]
+    python scripts/perplexity.py DIR [--eval-text examples/eval.txt] [--windows 64] [--length 512]
 
 GPTQ directories are loaded with qwen-gptq's reference loader; computation is float32.
 """
@@ -21,7 +21,7 @@ from qwen_gptq.loader import load_original, load_quantized
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--eval-text", default=str(Path(__file__).resolve().parent.parent.parent / "shared/data/eval.txt"))
+    p.add_argument("--eval-text", default=str(Path(__file__).resolve().parent.parent / "examples" / "eval.txt"))
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--trust-remote-code", action="store_true")
