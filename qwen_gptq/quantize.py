@@ -175,7 +175,8 @@ def run(o: QuantizeOptions) -> dict:
     prepare(model, family)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
-    check_dims(layers[0], family, o.bits, o.group_size)
+    for layer in layers:  # MoE models can mix dense and sparse layers
+        check_dims(layer, family, o.bits, o.group_size)
     ids = calib.tokenize_samples(samples, tokenizer, o.max_len)
     n_tokens = sum(len(x) for x in ids)
     log.info(
