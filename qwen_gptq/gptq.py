@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,11 @@ def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
     )
 
 
+def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig) -> list:
+    """(scale, zero) of each group of `gs` columns of W, from W as it is."""
+    return [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(n_groups)]
+
+
 def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
     """Columns per lazy-batch block, chosen so that groups never straddle blocks:
     a multiple of the group size when groups are small, a divisor of it otherwise."""
@@ -188,7 +194,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     static = None
     if cfg.static_groups:
         # Group parameters from the original weights, in the original column order.
-        static = [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(n_groups)]
+        static = _group_params(W, gs, n_groups, cfg)
 
     perm = None
     if cfg.desc_act:
@@ -198,8 +204,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
         invperm = torch.argsort(perm)
     # Group of each column in quantization order: groups are formed in that order,
     # except static groups, which keep the original column order.
-    order = perm if perm is not None else torch.arange(columns, device=W.device)
-    g_perm = (order // gs if static is not None else torch.arange(columns, device=W.device) // gs).to(torch.int32)
+    source = perm if static is not None and perm is not None else torch.arange(columns, device=W.device)
+    g_perm = (source // gs).to(torch.int32)
 
     Hinv, damp = inverse_hessian(H, cfg.damp_percent)
     del H
@@ -305,8 +311,6 @@ _GRAPHS: dict = {}
 
 
 def _graphs_enabled() -> bool:
-    import os
-
     return os.environ.get("QWEN_GPTQ_CUDA_GRAPHS", "1") != "0"
 
 
@@ -356,7 +360,7 @@ def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     W = W.float()
     g_idx = torch.arange(columns, device=W.device, dtype=torch.int32) // gs
     n_groups = math.ceil(columns / gs)
-    params = [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(n_groups)]
+    params = _group_params(W, gs, n_groups, cfg)
     scale_t = torch.stack([s for s, _ in params])
     zero_t = torch.stack([z for _, z in params])
     s = scale_t[g_idx.long()].T

@@ -62,21 +62,34 @@ def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(model_dir: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
-    """(model, tokenizer) of a GPTQ directory, through QuantLinear."""
+def empty_model(model_dir: str | Path, trust_remote_code: bool = False, dtype=None):
+    """The model a GPTQ directory describes, with weights on the meta device, laid out as
+    its family expects (MoE experts split), and its quantization_config as a dict."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    q = config.quantization_config
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise BadInput(f"{model_dir}: cannot read the config ({e}); add --trust-remote-code for remote-code models") from None
+    q = getattr(config, "quantization_config", None) or {}
     q = q if isinstance(q, dict) else q.to_dict()
-    bits, group_size = int(q["bits"]), int(q["group_size"])
-    del config.quantization_config
-    tensors = read_tensors(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build plain Linears; we swap in our own QuantLinear
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    prepare(model, family_for(config.model_type))
+    return prepare(model, family_for(config.model_type)), q
+
+
+def load_quantized(model_dir: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
+    """(model, tokenizer) of a GPTQ directory, through QuantLinear."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    model, q = empty_model(model_dir, trust_remote_code, dtype)
+    config = model.config
+    bits, group_size = int(q["bits"]), int(q["group_size"])
+    tensors = read_tensors(model_dir)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
             parent, _, leaf = name.rpartition(".")

@@ -26,7 +26,8 @@ import torch
 
 from .calib import chatml_prompt_ids
 from .errors import BadInput
-from .families import decoder_layers, family_for, layer_groups, prepare
+from .families import decoder_layers, family_for, layer_groups
+from .loader import empty_model
 from .packing import SUPPORTED_BITS
 
 log = logging.getLogger("qwen_gptq")
@@ -86,21 +87,6 @@ def read_quant_config(path: Path) -> tuple[dict, dict]:
     if not isinstance(q, dict) or q.get("quant_method") != "gptq":
         raise BadInput(f"{path}: not a GPTQ checkpoint (config.json has no quantization_config with quant_method gptq)")
     return config, q
-
-
-def _meta_model(path: Path, config: dict, trust_remote_code: bool):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise BadInput(f"{path}: cannot read the config ({e}); add --trust-remote-code for remote-code models") from None
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    return prepare(model, family_for(config.get("model_type")))
 
 
 def check_structure(path: Path, config: dict, q: dict, trust_remote_code: bool) -> Check:
@@ -175,7 +161,7 @@ def check_structure(path: Path, config: dict, q: dict, trust_remote_code: bool) 
 
     # Every Linear the family quantizes, against the config's dimensions.
     family = family_for(config.get("model_type"))
-    model = _meta_model(path, config, trust_remote_code)
+    model, _ = empty_model(path, trust_remote_code)
     layers = decoder_layers(model, family)
     expected = set()
     n_quant = 0
