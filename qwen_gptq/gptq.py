@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 log = logging.getLogger("qwen_gptq")
 
 
@@ -134,19 +136,17 @@ def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
 
     If H is not positive definite even after dampening, damp is doubled up to
     `max_tries` times and the increase is logged. Returns (Hinv, damp used).
+    H's diagonal is dampened in place (and left so).
     """
     n = H.shape[0]
-    mean_diag = torch.mean(torch.diag(H)).item()
+    diag = H.diagonal().clone()
+    mean_diag = torch.mean(diag).item()
     damp = damp_percent
     for _ in range(max_tries):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(Hinv).all():
-                return Hinv, damp
+        H.diagonal().copy_(diag + damp * mean_diag)
+        Hinv = upper_cholesky_of_inverse(H)
+        if Hinv is not None:
+            return Hinv, damp
         new = min(damp * 2, 1.0) if damp < 1.0 else damp * 2
         log.warning(
             "Cholesky of the %dx%d Hessian failed with damp_percent=%g; retrying with %g "
@@ -158,6 +158,24 @@ def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
         f"the Hessian is not positive definite even with damp_percent={damp:g}; "
         "use more calibration samples (--num-samples) or a larger --damp-percent"
     )
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
+    """U upper triangular with UᵀU = H⁻¹, or None if H is not positive definite.
+
+    With J the reversal permutation and K the lower Cholesky factor of JHJ,
+    H = (JKJ)(JKJ)ᵀ with JKJ upper triangular, so U = (JKJ)⁻¹ = J K⁻¹ J: one
+    Cholesky and one triangular solve, instead of a Cholesky, an inverse from it and
+    a second Cholesky. At most three matrices of H's size are alive at once.
+    """
+    K, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info.item() != 0:
+        return None
+    Kinv = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    torch.linalg.solve_triangular(K, Kinv, upper=False, out=Kinv)
+    del K
+    U = Kinv.flip(0, 1)
+    return U if torch.isfinite(U).all() else None
 
 
 def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig) -> list:
@@ -174,18 +192,19 @@ def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
     return max(d for d in range(1, blocksize + 1) if gs % d == 0)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False) -> GPTQResult:
     """Quantize W [rows, columns] column by column, compensating each column's error
     on the columns not yet quantized, weighted by the inverse Hessian.
 
-    H is [columns, columns] float32 and is not modified.
+    H is [columns, columns] float32. It is not modified unless overwrite_h, which
+    saves a copy of it (the largest Hessians are over a gigabyte).
     """
     rows, columns = W.shape
     gs = cfg.group_size if cfg.group_size > 0 else columns
     n_groups = math.ceil(columns / gs)
     bs = block_size(cfg.group_size, columns, cfg.blocksize)
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float() if overwrite_h else H.float().clone()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -217,7 +236,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     zero = torch.zeros(rows, device=W.device)
     gs_in = gs if gs <= bs else 0  # groups start inside blocks (else only at block starts)
     static_cols = g_perm.tolist() if static is not None else None
-    graphs = W.is_cuda and static is None and _graphs_enabled()
+    fused = static is None and kernels.available(W)
+    graphs = not fused and W.is_cuda and static is None and _graphs_enabled()
 
     for i1 in range(0, columns, bs):
         i2 = min(i1 + bs, columns)
@@ -231,7 +251,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
             scale, zero = find_params(torch.cat([W1, W[:, i2:i1 + gs]], dim=1), cfg.bits, cfg.sym, cfg.mse)
             scales.append(scale)
             zeros.append(zero)
-        if graphs:
+        if fused:
+            Q1, Err1, Losses1, S1, Z1 = kernels.quantize_block(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym,
+                                                               cfg.mse)
+        elif graphs:
             Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
         else:
             Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
