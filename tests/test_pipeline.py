@@ -1,0 +1,66 @@
+"""The sequential pipeline's shortcuts must not change what it computes."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qwen_gptq import calib
+from qwen_gptq.families import family_for
+from qwen_gptq.gptq import QuantConfig
+from qwen_gptq.pipeline import Hessian, quantize_model
+
+from .conftest import CALIB, TINY
+
+
+def test_hessian_in_chunks_and_symmetric_blocks_equals_xtx():
+    g = torch.Generator().manual_seed(0)
+    n = 1152  # large enough to be split into blocks
+    parts = [torch.randn(r, n, generator=g) for r in (100, 3000, 7, 1900, 64)]
+    acc = Hessian(n, torch.device("cpu"))
+    for x in parts:
+        acc.add(x)
+    X = torch.cat(parts).double()
+    expected = (X.T @ X).float()
+    H = acc.finish()
+    assert acc.count == X.shape[0]
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, expected, rtol=1e-4, atol=1e-2)
+
+
+def _two_layer_tiny():
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).eval()
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    return model
+
+
+def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monkeypatch):
+    tok = AutoTokenizer.from_pretrained(TINY)
+    samples = calib.tokenize_samples(calib.read_samples(CALIB)[:6], tok, 128)
+    family = family_for("qwen2")
+    cfg = QuantConfig(bits=4, group_size=128)
+
+    calls = {"n": 0}
+    linear = torch.nn.functional.linear
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    results = {}
+    for budget in (0, 1 << 30):
+        calls["n"] = 0
+        out = quantize_model(_two_layer_tiny(), family, samples, cfg, torch.device("cpu"), progress=False,
+                             memo_bytes=budget)
+        results[budget] = (out.packed, calls["n"])
+
+    (plain, n_plain), (memo, n_memo) = results[0], results[1 << 30]
+    assert plain.keys() == memo.keys()
+    for name in plain:
+        for k in plain[name]:
+            assert torch.equal(plain[name][k], memo[name][k]), (name, k)
+    # 7 Linears per layer, each computed once per batch (the last layer's down_proj feeds
+    # nothing); without memoized outputs the later passes recompute the earlier groups.
+    batches = len(samples)
+    assert n_memo == batches * (7 * 2 - 1)
+    assert n_plain > n_memo
