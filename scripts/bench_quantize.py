@@ -65,6 +65,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
     p.add_argument("--no-mse", action="store_true", help="plain min-max scales (qwen-gptq's default is --mse)")
+    p.add_argument("--no-warmup", action="store_true", help="count one-time costs in the first layer")
+    p.add_argument("--profile", metavar="FILE", default=None,
+                   help="write torch.profiler's table of the most expensive kernels to FILE")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="save the random model and a calibration file of SAMPLES texts of SEQ_LEN tokens, then time "
+                        "the whole `qwen-gptq quantize` process on them (start, load, quantize, pack, save)")
     p.add_argument("--compare", choices=["gptqmodel"], default=None,
                    help="also quantize the same model, samples and settings with GPTQModel in this run")
     a = p.parse_args()
@@ -73,6 +79,9 @@ def main():
     t0 = time.perf_counter()
     model, full_layers = build(a.shape, a.layers, torch.bfloat16, device)
     build_s = time.perf_counter() - t0
+    if a.end_to_end:
+        print(json.dumps(end_to_end(model, a, full_layers, build_s)))
+        return
     model_src = None
     if a.compare:
         # GPTQModel loads from disk: save the same random weights (and a tokenizer it can open).
@@ -87,11 +96,31 @@ def main():
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, model.config.vocab_size, (a.seq_len,), generator=g) for _ in range(a.samples)]
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, mse=not a.no_mse)
+    # Warm-up, as GPTQModel gets one: a one-layer model of the same shape on two short
+    # samples, so that one-time costs (Triton's compile on a machine's first run, CUDA
+    # kernels loaded on first use) are reported apart instead of inside the first layer.
+    t0 = time.perf_counter()
+    if not a.no_warmup:
+        warm, _ = build(a.shape, 1, torch.bfloat16, device)
+        quantize_model(warm, family, [s[:64] for s in samples[:2]], cfg, device, progress=False)
+        del warm
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    prof = None
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        prof = profile(activities=acts)
+        prof.__enter__()
     t0 = time.perf_counter()
     outcome = quantize_model(model, family, samples, cfg, device, progress=False)
     quant_s = time.perf_counter() - t0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(a.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
 
     save_s = 0.0
     if not a.no_save:
@@ -103,15 +132,22 @@ def main():
 
     n = model.config.num_hidden_layers
     per_layer = (quant_s - outcome.timings["capture"]) / n
+    ls = outcome.layer_seconds
+    later = sum(ls[1:]) / (len(ls) - 1) if len(ls) > 1 else ls[0]
     result = {
         "shape": a.shape, "layers": n, "mse": not a.no_mse, "samples": a.samples, "seq_len": a.seq_len, "bits": a.bits,
         "group_size": a.group_size, "device": str(device),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "seconds": {"build": round(build_s, 2), **{k: round(v, 2) for k, v in outcome.timings.items()},
+        "seconds": {"build": round(build_s, 2), "warmup": round(warmup_s, 2),
+                    **{k: round(v, 2) for k, v in outcome.timings.items()},
                     "quantize_total": round(quant_s, 2), "save": round(save_s, 2)},
         "seconds_per_layer": round(per_layer, 3),
-        "extrapolated_all_layers_s": round(outcome.timings["capture"] + per_layer * full_layers, 1),
+        # The first layer also pays one-time costs (CUDA kernels loaded lazily, Triton's
+        # compile cache): the full depth is extrapolated from the first and the later ones.
+        "layer_seconds": [round(x, 3) for x in ls],
+        "seconds_per_later_layer": round(later, 3),
+        "extrapolated_all_layers_s": round(outcome.timings["capture"] + ls[0] + later * (full_layers - 1), 1),
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else 0,
         "peak_host_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
     }
@@ -121,6 +157,50 @@ def main():
         result["speedup_per_layer"] = round(g["seconds_per_layer"] / per_layer, 2)
         result["speedup_quantize"] = round(g["quantize_s"] / quant_s, 2)
     print(json.dumps(result))
+
+
+def end_to_end(model, a, full_layers, build_s):
+    """Time `python -m qwen_gptq quantize` as a user runs it, on the saved random model."""
+    import shutil
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    model.save_pretrained(tmp / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(root / "examples" / "qwen2-tiny" / f, tmp / "model" / f)
+    # Calibration texts long enough for SEQ_LEN tokens each, from the example's held-out text.
+    tok = AutoTokenizer.from_pretrained(tmp / "model")
+    ids = tok((root / "examples" / "eval.txt").read_text(), add_special_tokens=False)["input_ids"]
+    step = a.seq_len + 64
+    texts = [tok.decode(ids[(i * step) % (len(ids) - step):][:step]) for i in range(a.samples)]
+    data = [{"id": str(i), "conversations": [{"from": "user", "value": t[: len(t) // 2]},
+                                             {"from": "assistant", "value": t[len(t) // 2:]}]} for i, t in enumerate(texts)]
+    (tmp / "calib.json").write_text(json.dumps(data, ensure_ascii=False))
+    prepare_s = time.perf_counter() - t0
+    del model
+    cmd = [sys.executable, "-m", "qwen_gptq", "quantize", "--model_name_or_path", str(tmp / "model"),
+           "--data_path", str(tmp / "calib.json"), "--out_path", str(tmp / "out"), "--bits", str(a.bits),
+           "--group-size", str(a.group_size), "--max_len", str(a.seq_len), "--num-samples", str(a.samples),
+           "--device", a.device, "--json", "--quiet"] + (["--no-mse"] if a.no_mse else [])
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"qwen-gptq quantize failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    cli = json.loads(r.stdout)
+    size = sum(f.stat().st_size for f in (tmp / "out").iterdir())
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"shape": a.shape, "layers": len(cli["layers"]), "full_layers": full_layers, "samples": a.samples,
+            "seq_len": a.seq_len, "tokens": cli["tokens"], "bits": a.bits, "group_size": a.group_size,
+            "card": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "build_s": round(build_s, 1), "prepare_s": round(prepare_s, 1), "end_to_end_s": round(wall, 2),
+            "cli_timings": cli["timings"], "peak_gpu_gb": round(cli["peak_gpu_bytes"] / 1e9, 2),
+            "peak_host_gb": round(cli["peak_host_bytes"] / 1e9, 2), "output_gb": round(size / 1e9, 2)}
 
 
 def run_gptqmodel(model_dir, samples, a):
