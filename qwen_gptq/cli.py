@@ -188,7 +188,12 @@ def _results_stdout():
         sys.stdout.flush()
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capsys, embedding)
-        yield sys.stdout
+        real = sys.stdout
+        sys.stdout = sys.stderr  # Python-level prints of libraries still stay off our results
+        try:
+            yield real
+        finally:
+            sys.stdout = real
         return
     saved = os.dup(fd)
     out = os.fdopen(saved, "w", encoding="utf-8", closefd=False)

@@ -8,6 +8,7 @@ precision. Adding a family is adding an entry to FAMILIES.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass
 
@@ -202,3 +203,58 @@ def prepare(model: nn.Module, family: Family) -> nn.Module:
     if family.moe:
         unfuse_experts(model)
     return model
+
+
+def quantized_module_suffixes(family: Family) -> list[list[str]]:
+    """The family's true-sequential groups as name suffixes (`modules_in_block_to_quantize`
+    in transformers' GPTQConfig: a Linear whose name ends with none of them stays unquantized)."""
+    groups = []
+    for patterns in family.sequential:
+        names = [p.rsplit("*.", 1)[-1] for p in patterns]
+        groups.append(list(dict.fromkeys(names)))
+    return groups
+
+
+@contextlib.contextmanager
+def per_expert_linears(model_type: str):
+    """While inside, transformers builds MoE layers of `model_type` with one Linear per
+    expert (mlp.experts.{e}.gate_proj, ...) instead of fused 3-D expert tensors, so that
+    its GPTQ path (optimum) can put a GPTQ kernel on each expert.
+
+    This uses defuser, which GPTQModel installs and uses for the same purpose.
+    """
+    import defuser
+
+    with transformers_classes_restored(model_type):
+        if not defuser.replace_fused_blocks(model_type):
+            raise RuntimeError(f"defuser cannot split the experts of {model_type} models")
+        yield
+
+
+@contextlib.contextmanager
+def transformers_classes_restored(model_type: str):
+    """Put back, on the way out, the MoE block classes and checkpoint-conversion hook of
+    transformers that defuser patches (GPTQModel.load patches them and leaves them so)."""
+    import importlib
+
+    import transformers
+    from transformers import conversion_mapping
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        module = None
+    missing = object()
+    targets = [(module, k) for k in vars(module) if k.endswith("SparseMoeBlock")] if module else []
+    targets += [(conversion_mapping, "get_checkpoint_conversion_mapping"),
+                (transformers.modeling_utils, "get_checkpoint_conversion_mapping")]
+    saved = [(obj, name, getattr(obj, name, missing)) for obj, name in targets]
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            if value is missing:
+                if hasattr(obj, name):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)

@@ -26,7 +26,14 @@ import torch
 
 from .calib import chatml_prompt_ids
 from .errors import BadInput
-from .families import decoder_layers, family_for, layer_groups
+from .families import (
+    decoder_layers,
+    family_for,
+    layer_groups,
+    per_expert_linears,
+    quantized_module_suffixes,
+    transformers_classes_restored,
+)
 from .loader import empty_model
 from .packing import SUPPORTED_BITS
 
@@ -267,26 +274,51 @@ def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int, device) -> 
     return tokenizer.decode(new), len(new)
 
 
+def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM.from_pretrained through transformers' GPTQ path (optimum +
+    gptqmodel kernels), as a user would call it.
+
+    MoE models need two things transformers does not do by itself (transformers 5 fuses
+    experts into 3-D tensors no GPTQ kernel takes): one Linear per expert while the model
+    is built (families.per_expert_linears), and `modules_in_block_to_quantize`, so that
+    the router's shared-expert gate stays a plain Linear. Both are load-time settings: the
+    checkpoint stays the standard GPTQ v1 layout every loader reads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"device_map": "cpu", "dtype": torch.float16, **kwargs}
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    family = family_for(config.model_type)
+    if not family.moe:
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    q = config.quantization_config
+    q = q if isinstance(q, dict) else q.to_dict()
+    config.quantization_config = {**q, "modules_in_block_to_quantize": quantized_module_suffixes(family)}
+    with per_expert_linears(config.model_type):
+        return AutoModelForCausalLM.from_pretrained(str(path), config=config, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
+
+
 def check_ecosystem(path: Path, ours, windows: torch.Tensor, loader: str, trust_remote_code: bool) -> Check:
     """Load with an ecosystem loader and compare its logits with our loader's.
 
     loader "transformers": AutoModelForCausalLM.from_pretrained, i.e. transformers' own
-    GPTQ path (optimum + gptqmodel kernels). loader "gptqmodel": GPTQModel.load, which
-    also handles MoE models whose experts transformers keeps fused.
+    GPTQ path (optimum + gptqmodel kernels; see transformers_from_pretrained for MoE).
+    loader "gptqmodel": GPTQModel.load.
     """
     c = Check(loader)
     try:
         import gptqmodel
         import optimum  # noqa: F401
-        from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise BadInput(f"--loader {loader} needs the gptqmodel extra (pip install 'qwen-gptq[gptqmodel]'): {e}") from None
     try:
         if loader == "gptqmodel":
-            model = gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+            with transformers_classes_restored(model_type):
+                model = gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=torch.float16,
-                                                         trust_remote_code=trust_remote_code)
+            model = transformers_from_pretrained(path, trust_remote_code)
         model.eval()
     except Exception as e:  # noqa: BLE001 - report any loader failure as a failed check
         c.fail(f"{loader} could not load the directory: {type(e).__name__}: {str(e).splitlines()[0][:300]}")

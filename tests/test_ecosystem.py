@@ -15,7 +15,7 @@ import torch
 
 from qwen_gptq.loader import load_quantized
 
-from .conftest import EVAL_TEXT, ROOT, cli_subprocess
+from .conftest import EVAL_TEXT, ROOT, cli, cli_subprocess
 
 REQUIRED = os.environ.get("QWEN_GPTQ_REQUIRE_ECOSYSTEM") == "1"
 
@@ -85,13 +85,16 @@ def test_qwen1_remote_code_through_transformers(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ecosystem
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
-def test_moe_through_gptqmodel(tmp_path, model_type):
-    """MoE: GPTQModel.load splits transformers' fused experts and loads our per-expert tensors.
+def test_moe_through_gptqmodel_and_transformers(tmp_path, model_type):
+    """MoE output loads with GPTQModel.load and with transformers' from_pretrained.
 
-    (transformers' own from_pretrained path, transformers 5.24 + optimum 2.3, leaves the
-    experts fused and cannot use per-expert GPTQ tensors; see the README.)
+    transformers 5 fuses experts into 3-D tensors; verify's transformers loader builds
+    one Linear per expert while loading (defuser, as GPTQModel does) and keeps the
+    shared-expert gate unquantized, then puts transformers' classes back.
     """
     _need(importlib.util.find_spec("gptqmodel"), "the gptqmodel extra is not installed")
+    import transformers.models.qwen2_moe.modeling_qwen2_moe as qwen2_moe
+
     from .test_families import make_tiny, quantize
 
     extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
@@ -100,7 +103,10 @@ def test_moe_through_gptqmodel(tmp_path, model_type):
     src = make_tiny(tmp_path / "src", model_type, **extra)
     out = tmp_path / "q"
     quantize(src, out, "--num-samples", "16", "--max_len", "128")
-    r = cli_subprocess("verify", str(out), "--loader", "gptqmodel", "--max-new-tokens", "4", "--json", "-q")
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}["gptqmodel"]
-    assert check["figures"]["relative_mean_abs_diff"] < 0.02 and check["figures"]["kernels"]
+    block = qwen2_moe.Qwen2MoeSparseMoeBlock
+    for loader in ("gptqmodel", "transformers"):
+        r = cli("verify", str(out), "--loader", loader, "--max-new-tokens", "4", "--json", "-q")
+        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+        check = {c["name"]: c for c in json.loads(r.stdout)["checks"]}[loader]
+        assert check["figures"]["relative_mean_abs_diff"] < 0.02 and check["figures"]["kernels"], check
+    assert qwen2_moe.Qwen2MoeSparseMoeBlock is block  # transformers' own class is back
