@@ -251,9 +251,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
             scale, zero = find_params(torch.cat([W1, W[:, i2:i1 + gs]], dim=1), cfg.bits, cfg.sym, cfg.mse)
             scales.append(scale)
             zeros.append(zero)
+        out = None
         if fused:
-            Q1, Err1, Losses1, S1, Z1 = kernels.quantize_block(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym,
-                                                               cfg.mse)
+            try:
+                out = kernels.quantize_block(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
+            except Exception as e:  # noqa: BLE001 - a GPU or Triton the kernel cannot run on
+                kernels.disable(e)
+                fused = False
+                graphs = W.is_cuda and _graphs_enabled()
+        if out is not None:
+            Q1, Err1, Losses1, S1, Z1 = out
         elif graphs:
             Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
         else:

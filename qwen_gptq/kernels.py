@@ -14,9 +14,12 @@ compare it with the PyTorch loop on a machine without a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("qwen_gptq")
 
 try:
     import triton
@@ -25,11 +28,23 @@ except ImportError:  # optional: the PyTorch loop is used instead
     triton = None
 
 
+_DISABLED: list[str] = []
+
+
 def available(t: torch.Tensor) -> bool:
     """Whether the kernel can run on this tensor's device."""
-    if triton is None or os.environ.get("QWEN_GPTQ_TRITON", "1") == "0":
+    if triton is None or _DISABLED or os.environ.get("QWEN_GPTQ_TRITON", "1") == "0":
         return False
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def disable(error: Exception) -> None:
+    """The kernel failed (a GPU or Triton version it cannot be built for): use the PyTorch
+    loop from now on, and say so once."""
+    if not _DISABLED:
+        log.warning("the Triton solver kernel failed (%s: %s); using the PyTorch loop instead (slower)",
+                    type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+    _DISABLED.append(str(error))
 
 
 def quantize_block(W1, Hinv1, scale, zero, gs_in: int, n_in: int, bits: int, sym: bool, mse: bool):
