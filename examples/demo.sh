@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on the shipped example, on CPU, with nothing to download:
 # install into .venv, quantize examples/qwen2-tiny to 4 bits, verify the result
-# against the original. About four minutes on two CPU cores, half of it the install.
+# against the original. About three minutes on two CPU cores, most of it the install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
