@@ -261,7 +261,7 @@ class _Mover:
                 for m in layer.modules():
                     for coll in (m._parameters, m._buffers):
                         for k, v in coll.items():
-                            if v is None:
+                            if v is None or v.is_cuda:  # (a tensor shared by two modules moves once)
                                 continue
                             moved = v.data.to(self.device, self.cdtype if v.is_floating_point() else None,
                                               non_blocking=True)
