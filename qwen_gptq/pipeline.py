@@ -242,8 +242,8 @@ class _Mover:
 
     def __init__(self, device: torch.device, cdtype: torch.dtype, model_dtype: torch.dtype):
         self.device, self.cdtype, self.model_dtype = device, cdtype, model_dtype
-        self.pending: dict[int, Future] = {}
-        self.results: list[Future] = []
+        self.pending: dict[int, Future] = {}  # layers on their way to the device
+        self.back: list[Future] = []  # copies to the host
         self.homes: dict[int, list] = {}
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -277,45 +277,47 @@ class _Mover:
         if f is not None:
             f.result()
 
-    def _after_main(self):
+    def _after_main(self, copy) -> None:
+        """Run copy() on the worker, on the mover's stream, once the main stream has done
+        what it has queued so far (the work that produced the tensors copied)."""
         done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))  # what the main stream has queued so far
-        return done
+        done.record(torch.cuda.current_stream(self.device))
+
+        def job():
+            self.stream.wait_event(done)
+            with torch.cuda.stream(self.stream):
+                copy()
+
+        self.back.append(self.pool.submit(job))
 
     def to_host(self, layer: nn.Module) -> None:
         if not self.cuda:
             layer.to(device="cpu", dtype=self.model_dtype)
             return
-        done = self._after_main()
 
-        def job():
-            self.stream.wait_event(done)
-            with torch.cuda.stream(self.stream):
-                for coll, k, home in self.homes.pop(id(layer)):
-                    home.copy_(coll[k].data)  # blocking on this stream: pageable memory, never pinned
-                    _set(coll, k, home)
+        def copy():
+            for coll, k, home in self.homes.pop(id(layer)):
+                home.copy_(coll[k].data)  # blocking on this stream: pageable memory, never pinned
+                _set(coll, k, home)
 
-        self.pending[id(layer)] = self.pool.submit(job)
+        self._after_main(copy)
 
     def fetch(self, tensors: dict[str, torch.Tensor], into: dict, key: str) -> None:
         """into[key] = tensors, copied to the host."""
         if not self.cuda:
             into[key] = {k: v.to("cpu") for k, v in tensors.items()}
             return
-        done = self._after_main()
 
-        def job():
-            self.stream.wait_event(done)
-            with torch.cuda.stream(self.stream):
-                into[key] = {k: v.to("cpu") for k, v in tensors.items()}
+        def copy():
+            into[key] = {k: v.to("cpu") for k, v in tensors.items()}
 
-        self.results.append(self.pool.submit(job))
+        self._after_main(copy)
 
     def wait_all(self) -> None:
-        for f in [*self.pending.values(), *self.results]:
+        for f in [*self.pending.values(), *self.back]:
             f.result()
         self.pending.clear()
-        self.results.clear()
+        self.back.clear()
 
     def close(self) -> None:
         if self.cuda:
@@ -409,16 +411,14 @@ class _LayerRun:
         return run
 
     def _keep(self, name, key, y):
-        ts = _tensors(y)
-        size = sum(t.numel() * t.element_size() for t in ts)
+        size = _nbytes(y)
         if self.used + size > self.budget:
             return
-        self.store[key] = (y, [t._version for t in ts])
+        self.store[key] = (y, [t._version for t in _tensors(y)])
         self.used += size
         for inner in self.inside[name]:  # the parts' outputs are not needed any more
             if inner != name and (inner, self.batch) in self.store:
-                old = self.store.pop((inner, self.batch))
-                self.used -= sum(t.numel() * t.element_size() for t in _tensors(old[0]))
+                self.used -= _nbytes(self.store.pop((inner, self.batch))[0])
 
     def remove(self):
         for m in self.modules.values():
@@ -432,6 +432,10 @@ def _tensors(y) -> list[torch.Tensor]:
     if isinstance(y, (tuple, list)):
         return [t for t in y if isinstance(t, torch.Tensor)]
     return []
+
+
+def _nbytes(y) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(y))
 
 
 def _memo_budget(device: torch.device) -> int:

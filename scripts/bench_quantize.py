@@ -181,7 +181,6 @@ def end_to_end(model, a, full_layers, build_s):
                                              {"from": "assistant", "value": t[len(t) // 2:]}]} for i, t in enumerate(texts)]
     (tmp / "calib.json").write_text(json.dumps(data, ensure_ascii=False))
     prepare_s = time.perf_counter() - t0
-    del model
     cmd = [sys.executable, "-m", "qwen_gptq", "quantize", "--model_name_or_path", str(tmp / "model"),
            "--data_path", str(tmp / "calib.json"), "--out_path", str(tmp / "out"), "--bits", str(a.bits),
            "--group-size", str(a.group_size), "--max_len", str(a.seq_len), "--num-samples", str(a.samples),
