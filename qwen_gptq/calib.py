@@ -1,4 +1,7 @@
-"""Calibration data: read, validate, and turn into ChatML token ids.
+"""Calibration data: everything between the file and the token batches.
+
+Read and validate (before any model loads), select (`--seed`, `--num-samples`),
+tokenize as ChatML, and group into padded batches.
 
 Accepted inputs (a JSON list, or JSON Lines with one sample per line):
 
@@ -11,18 +14,26 @@ Conversations become ChatML the way Qwen's run_gptq.py builds them: a system tur
 `<|im_start|>{role}\\n{value}<|im_end|>\\n` per turn; a conversation that starts
 with an assistant turn loses that turn, as run_gptq.py does. Every sample is
 truncated to max_len tokens.
+
+Which ids are special (im_start/im_end, padding, end of turn) is asked of the tokenizer
+here only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import BadInput
+
+if TYPE_CHECKING:  # transformers' tokenizers, or a model's own (Qwen1's tiktoken one)
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger("qwen_gptq")
 
@@ -51,6 +62,14 @@ def read_samples(path: str | Path) -> list[Sample]:
     if not items:
         raise BadInput(f"calibration file {str(path)!r} holds no samples")
     return [_validate(i, item) for i, item in enumerate(items)]
+
+
+def select(samples: list[Sample], num_samples: int | None, seed: int | None) -> list[Sample]:
+    """Shuffle with `seed` (when given), then keep the first `num_samples` (when given)."""
+    samples = list(samples)
+    if seed is not None:
+        random.Random(seed).shuffle(samples)
+    return samples if num_samples is None else samples[:num_samples]
 
 
 def _parse(raw: str, path: Path) -> list:
@@ -129,7 +148,7 @@ def _validate(i: int, item) -> Sample:
 # --------------------------------------------------------------------------- tokenization
 
 
-def chatml_ids(tokenizer, messages: list[tuple[str, str]], add_generation_prompt: bool = False) -> list[int]:
+def chatml_ids(tokenizer: Tokenizer, messages: list[tuple[str, str]], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation in ChatML (ending with the assistant's header when
     add_generation_prompt).
 
@@ -154,12 +173,12 @@ def chatml_ids(tokenizer, messages: list[tuple[str, str]], add_generation_prompt
     return ids
 
 
-def chatml_prompt_ids(tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
+def chatml_prompt_ids(tokenizer: Tokenizer, prompt: str, system: str = SYSTEM_PROMPT) -> list[int]:
     """Ids of a one-turn chat prompt ending with the assistant's header (for generation)."""
     return chatml_ids(tokenizer, [("system", system), ("user", prompt)], add_generation_prompt=True)
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     """(im_start, im_end) ids: Qwen1 tokenizers expose im_start_id/im_end_id."""
     start = getattr(tokenizer, "im_start_id", None)
     end = getattr(tokenizer, "im_end_id", None)
@@ -172,7 +191,27 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return int(start), int(end)
 
 
-def tokenize_samples(samples: list[Sample], tokenizer, max_len: int) -> list[torch.Tensor]:
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The id padding uses: pad, else Qwen1's end-of-document, else end of sequence."""
+    for attr in ("pad_token_id", "eod_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
+    """Ids that end a generated chat turn."""
+    stop = {t for t in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "im_end_id", None),
+                        getattr(tokenizer, "eod_id", None)) if isinstance(t, int)}
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        t = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(t, int):
+            stop.add(t)
+    return stop
+
+
+def tokenize_samples(samples: list[Sample], tokenizer: Tokenizer, max_len: int) -> list[torch.Tensor]:
     """One 1-D LongTensor of ids per sample, truncated to max_len."""
     out = []
     for i, s in enumerate(samples):
@@ -184,3 +223,50 @@ def tokenize_samples(samples: list[Sample], tokenizer, max_len: int) -> list[tor
             raise BadInput(f"sample {i}: tokenizes to no tokens")
         out.append(torch.tensor(ids[:max_len], dtype=torch.long))
     return out
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T], or None when nothing is padded
+    valid: torch.Tensor | None  # bool [B*T]: the real (unpadded) positions; None when nothing is padded
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel() if self.valid is None else int(self.valid.sum())
+
+
+@dataclass
+class Calibration:
+    batches: list[TokenBatch]
+    samples: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.tokens for b in self.batches)
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int) -> list[TokenBatch]:
+    """Group samples (longest first, to waste little padding) into right-padded batches."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[start:start + batch_size]]
+        T = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        padded = bool((mask == 0).any())
+        batches.append(TokenBatch(ids, mask if padded else None, mask.bool().flatten() if padded else None))
+    return batches
+
+
+def calibration(samples: list[Sample], tokenizer: Tokenizer, max_len: int, batch_size: int) -> Calibration:
+    """The token batches of the selected samples."""
+    ids = tokenize_samples(samples, tokenizer, max_len)
+    return Calibration(make_batches(ids, batch_size, pad_token_id(tokenizer)), len(ids))

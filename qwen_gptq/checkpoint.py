@@ -1,4 +1,5 @@
-"""Writing the quantized checkpoint (AutoGPTQ v1 "gptq" format).
+"""The checkpoint directory on disk: reading its config and shard index, and writing
+the quantized output (the tensors' format is gptq_v1's business).
 
 Output layout:
 
@@ -21,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +30,6 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import BadInput
-from .gptq import QuantConfig
 
 log = logging.getLogger("qwen_gptq")
 
@@ -46,55 +47,35 @@ COPY_PATTERNS = (
 )
 
 
-def quantization_config(cfg: QuantConfig, model_name_or_path: str) -> dict:
-    """The block written to quantize_config.json and config.json's quantization_config."""
-    return {
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "damp_percent": cfg.damp_percent,
-        "desc_act": cfg.desc_act,
-        "static_groups": cfg.static_groups,
-        "sym": cfg.sym,
-        "true_sequential": cfg.true_sequential,
-        "model_name_or_path": model_name_or_path,
-        "model_file_base_name": "model",
-        "quant_method": "gptq",
-        "checkpoint_format": "gptq",
-    }
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; BadInput naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: not a JSON object")
+    return data
 
 
-# Keys whose values must agree between our settings and a --reference-config.
-SETTINGS_KEYS = ("bits", "group_size", "desc_act", "sym", "static_groups", "quant_method", "checkpoint_format")
+def weight_index(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The weight files of a checkpoint directory and, when sharded, its index's weight map."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except KeyError:
+            raise BadInput(f"{index}: malformed (no weight_map)") from None
+        return sorted(set(weight_map.values())), weight_map
+    if (model_dir / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME], None
+    raise BadInput(f"{model_dir}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def check_reference_config(reference: dict, ours: dict, path: str) -> None:
-    ref_q = reference.get("quantization_config")
-    if not isinstance(ref_q, dict):
-        raise BadInput(f"--reference-config {path}: has no quantization_config block")
-    bad = [
-        f"{k}: reference {ref_q[k]!r}, ours {ours[k]!r}"
-        for k in SETTINGS_KEYS
-        if k in ref_q and ref_q[k] != ours[k] and not (k == "checkpoint_format" and ref_q[k] in (None, "gptq"))
-    ]
-    if bad:
-        raise BadInput(f"--reference-config {path} contradicts the quantization settings: " + "; ".join(bad))
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", text.upper())
-    if not m:
-        raise BadInput(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    number, unit = float(m.group(1)), (m.group(2) or "B")
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I") or ""]
-    size = int(number * base**power)
-    if size <= 0:
-        raise BadInput(f"--max-shard-size {text!r} must be positive")
-    return size
-
-
-def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype):
+def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors to save: packed Linears plus every other parameter in `dtype`.
 
     Tied weights (lm_head tied to the embeddings) are saved once, under the name
@@ -169,7 +150,7 @@ def copy_model_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_config(src_config: dict, qconfig: dict, dtype: torch.dtype, out_dir: Path) -> dict:
+def write_config(src_config: dict, qconfig: dict, dtype: torch.dtype, out_dir: Path) -> None:
     config = dict(src_config)
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
@@ -179,10 +160,9 @@ def write_config(src_config: dict, qconfig: dict, dtype: torch.dtype, out_dir: P
             config[key] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
-    return config
 
 
-def write_quant_log(stats, out_dir: Path) -> None:
+def write_quant_log(stats: list, out_dir: Path) -> None:
     with open(out_dir / "quant_log.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "module", "loss", "damp", "seconds", "tokens", "method"])
@@ -201,7 +181,7 @@ def prepare_out_path(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staging_dir(out: Path, overwrite: bool):
+def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success, swap it into place at `out`.
 
     On an exception the staging directory is removed and `out` is untouched.

@@ -1,7 +1,9 @@
 """Command line: `qwen-gptq quantize | verify | models`.
 
-Results go to stdout (one JSON object with --json), progress and logs to stderr.
-Exit codes: 0 ok, 1 a check or the run failed, 2 bad input.
+Flags come from the options dataclasses (options.QuantizeOptions, verify.VerifyOptions),
+each under its dash and underscore spellings. Results go to stdout (one JSON object
+with --json), progress and logs to stderr. Exit codes: 0 ok, 1 a check or the run
+failed, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from types import MappingProxyType
+from typing import TextIO
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAILED, QwenGPTQError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, QwenGPTQError
+from .options import QuantizeOptions, Setting, settings
 
 log = logging.getLogger("qwen_gptq")
 
@@ -21,6 +27,7 @@ EXIT_CODES = """exit codes:
   0  success
   1  a verification check failed, or quantization failed at run time
   2  bad input: a flag, the calibration file, the model or the output path
+  130  interrupted (Ctrl-C); nothing was written
 """
 
 QUANTIZE_EXAMPLE = """example:
@@ -36,28 +43,44 @@ calibration data (--data_path): a JSON list (or JSON Lines) of
 
 """
 
+VERIFY_EXAMPLE = "example:\n  qwen-gptq verify OUT --original MODEL --eval-text eval.txt\n\n"
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
 
 
-def _flag(p, *names, **kw):
-    """Add a flag under every dash/underscore spelling of its names."""
-    spellings = []
-    for n in names:
-        for s in (n, n.replace("_", "-"), "--" + n[2:].replace("-", "_")):
-            if s not in spellings:
-                spellings.append(s)
-    return p.add_argument(*spellings, **kw)
+def _spellings(flag: str) -> list[str]:
+    """--group-size and --group_size (the given spelling first)."""
+    body = flag[2:]
+    return list(dict.fromkeys([flag, "--" + body.replace("_", "-"), "--" + body.replace("-", "_")]))
 
 
-def _bool_pair(p, name, default, help):
-    dest = name.replace("-", "_")
-    _flag(p, f"--{name}", dest=dest, action="store_true", default=default, help=help)
-    _flag(p, f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+def _add(p: argparse.ArgumentParser, s: Setting) -> None:
+    f = s.flag
+    if f.positional:
+        p.add_argument(s.name, help=f.help)
+        return
+    names = _spellings(f.primary or "--" + s.name.replace("_", "-"))
+    if s.type is bool:
+        p.add_argument(*names, dest=s.name, action="store_true", default=s.default, help=f.help)
+        if f.negative:
+            p.add_argument(*_spellings(f.negative), dest=s.name, action="store_false", help=argparse.SUPPRESS)
+        return
+    kw = {"choices": list(f.choices)} if f.choices else {}
+    p.add_argument(*names, dest=s.name, type=s.type, default=None if s.required else s.default, required=s.required,
+                   metavar=f.metavar, help=f.help, **kw)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .verify import VerifyOptions
+
     parser = argparse.ArgumentParser(
         prog="qwen-gptq",
         description="Quantize Qwen checkpoints with GPTQ (AutoGPTQ v1 format) and verify the result.",
@@ -71,54 +94,86 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize", help="quantize a Qwen checkpoint", epilog=QUANTIZE_EXAMPLE + EXIT_CODES, formatter_class=_Formatter,
         description="Quantize a Qwen checkpoint layer by layer with GPTQ and write an AutoGPTQ-format directory.",
     )
-    _flag(q, "--model_name_or_path", required=True, metavar="MODEL", help="model directory (or hub id)")
-    _flag(q, "--data_path", required=True, metavar="FILE", help="calibration data (JSON list or JSON Lines)")
-    _flag(q, "--out_path", required=True, metavar="DIR", help="output directory")
-    _flag(q, "--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight")
-    _flag(q, "--group_size", type=int, default=128, metavar="N", help="columns per quantization group; -1 per channel")
-    _flag(q, "--max_len", type=int, default=8192, metavar="N", help="truncate each sample to N tokens")
-    _flag(q, "--num_samples", type=int, default=None, metavar="N", help="use the first N samples (default: all)")
-    _flag(q, "--damp_percent", type=float, default=0.01, metavar="F", help="Hessian dampening, fraction of mean diag")
-    _bool_pair(q, "desc-act", False, "quantize columns in order of decreasing activation (--no-desc-act: off)")
-    _flag(q, "--sym", dest="sym", action="store_true", default=True, help="symmetric quantization (default)")
-    _flag(q, "--asym", dest="sym", action="store_false", help="asymmetric quantization (zero point per group)")
-    _bool_pair(q, "true-sequential", True, "quantize q/k/v, o, gate/up, down one after another (--no-true-sequential: off)")
-    _flag(q, "--static_groups", action="store_true", default=False, help="fix group parameters before the solve")
-    _bool_pair(q, "mse", True, "per group, search a clipping range minimising the quantization error "
-               "(--no-mse: plain min-max scales)")
-    _flag(q, "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    _flag(q, "--batch_size", type=int, default=1, metavar="N", help="calibration samples per forward pass")
-    _flag(q, "--seed", type=int, default=None, metavar="S", help="shuffle the samples with this seed before --num-samples")
-    _flag(q, "--trust_remote_code", action="store_true", help="allow the model's own code to run (Qwen1)")
-    _flag(q, "--overwrite", action="store_true", help="replace a non-empty --out_path")
-    _flag(q, "--max_shard_size", default="5GB", metavar="SIZE", help="split weights into shards of at most SIZE")
-    _flag(q, "--dtype", default="float16", choices=["float16", "bfloat16"], help="dtype of unquantized tensors")
-    _flag(q, "--reference_config", default=None, metavar="FILE", help="config.json of an official quantized model")
-    _flag(q, "--json", action="store_true", help="print one JSON object on stdout")
+    for s in settings(QuantizeOptions):
+        _add(q, s)
     _common(q)
 
-    from .verify import add_arguments as add_verify
-
     v = sub.add_parser(
-        "verify", help="check a quantized checkpoint", formatter_class=_Formatter,
+        "verify", help="check a quantized checkpoint", formatter_class=_Formatter, epilog=VERIFY_EXAMPLE + EXIT_CODES,
         description="Check a quantized directory: structure, loading and generation, closeness to the original.",
-        epilog="example:\n  qwen-gptq verify OUT --original MODEL --eval-text eval.txt\n\n" + EXIT_CODES,
     )
-    add_verify(v, _flag)
+    for s in settings(VerifyOptions):
+        _add(v, s)
     _common(v)
 
     m = sub.add_parser("models", help="list the supported model families", formatter_class=_Formatter)
-    _flag(m, "--json", action="store_true", help="print JSON")
+    m.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
-def _common(p):
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+def _values(args: argparse.Namespace, options: type) -> dict:
+    return {s.name: getattr(args, s.name) for s in settings(options)}
 
 
-def _setup_logging(args):
-    level = logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
+    from .quantize import run
+
+    result = run(QuantizeOptions.build(**_values(args, QuantizeOptions), progress=not args.quiet))
+    if args.json:
+        print(json.dumps(result), file=out)
+        return 0
+    s = result["settings"]
+    print(f"wrote {result['out_path']}", file=out)
+    print(f"  model     {result['model']} ({result['family']})", file=out)
+    print(f"  settings  {s['bits']}-bit, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}, "
+          f"desc_act {s['desc_act']}, damp {s['damp_percent']}", file=out)
+    print(f"  data      {result['samples']} samples, {result['tokens']} tokens", file=out)
+    for layer in result["layers"]:
+        print(f"  layer {layer['layer']:3d}  mean loss {layer['mean_loss']:.5g}", file=out)
+    print(f"  time      {result['wall_seconds']:.1f} s on {result['device']}", file=out)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    from .verify import MAX_PROBLEMS_SHOWN, VerifyOptions, verify
+
+    report = verify(VerifyOptions(**_values(args, VerifyOptions)))
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False), file=out)
+    else:
+        print(f"verify {report['path']}", file=out)
+        for c in report["checks"]:
+            print(f"  {c['status'].upper():4s}  {c['name']:12s} {c['message']}", file=out)
+            for p in c["problems"][MAX_PROBLEMS_SHOWN:]:
+                print(f"        {p}", file=out)
+        print("OK" if report["ok"] else "FAILED", file=out)
+    return 0 if report["ok"] else EXIT_FAILED
+
+
+def cmd_models(args: argparse.Namespace, out: TextIO) -> int:
+    from .families import FAMILIES
+
+    if args.json:
+        print(json.dumps([{"family": f.name, "model_types": list(f.model_types), "description": f.description,
+                           "remote_code": f.remote_code} for f in FAMILIES]), file=out)
+    else:
+        for f in FAMILIES:
+            print(f"{f.name:10s} model_type {', '.join(f.model_types):10s} {f.description}", file=out)
+    return 0
+
+
+COMMANDS = MappingProxyType({"quantize": cmd_quantize, "verify": cmd_verify, "models": cmd_models})
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("qwen-gptq: %(message)s"))
     log.handlers[:] = [handler]
@@ -135,48 +190,8 @@ def _setup_logging(args):
         pass
 
 
-def cmd_quantize(args, out) -> int:
-    from .quantize import QuantizeOptions, run
-
-    opts = QuantizeOptions(
-        model_name_or_path=args.model_name_or_path, data_path=args.data_path, out_path=args.out_path,
-        bits=args.bits, group_size=args.group_size, max_len=args.max_len, num_samples=args.num_samples,
-        damp_percent=args.damp_percent, desc_act=args.desc_act, sym=args.sym, true_sequential=args.true_sequential,
-        static_groups=args.static_groups, mse=args.mse, device=args.device, batch_size=args.batch_size,
-        seed=args.seed, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, dtype=args.dtype, reference_config=args.reference_config,
-        progress=not args.quiet,
-    )
-    result = run(opts)
-    if args.json:
-        print(json.dumps(result), file=out)
-    else:
-        s = result["settings"]
-        print(f"wrote {result['out_path']}", file=out)
-        print(f"  model     {result['model']} ({result['family']})", file=out)
-        print(f"  settings  {s['bits']}-bit, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}, "
-              f"desc_act {s['desc_act']}, damp {s['damp_percent']}", file=out)
-        print(f"  data      {result['samples']} samples, {result['tokens']} tokens", file=out)
-        for layer in result["layers"]:
-            print(f"  layer {layer['layer']:3d}  mean loss {layer['mean_loss']:.5g}", file=out)
-        print(f"  time      {result['wall_seconds']:.1f} s on {result['device']}", file=out)
-    return 0
-
-
-def cmd_models(args, out) -> int:
-    from .families import FAMILIES
-
-    if args.json:
-        print(json.dumps([{"family": f.name, "model_types": list(f.model_types), "description": f.description,
-                           "remote_code": f.remote_code} for f in FAMILIES]), file=out)
-    else:
-        for f in FAMILIES:
-            print(f"{f.name:10s} model_type {', '.join(f.model_types):10s} {f.description}", file=out)
-    return 0
-
-
 @contextlib.contextmanager
-def _results_stdout():
+def _results_stdout() -> Iterator[TextIO]:
     """Keep stdout for our results alone.
 
     Libraries we load (GPTQModel prints banners, kernel choices and warnings) may
@@ -210,7 +225,7 @@ def _results_stdout():
         sys.stdout = real
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -224,13 +239,7 @@ def main(argv=None) -> int:
     _setup_logging(args)
     try:
         with _results_stdout() as out:
-            if args.command == "quantize":
-                return cmd_quantize(args, out)
-            if args.command == "verify":
-                from .verify import cmd_verify
-
-                return cmd_verify(args, out)
-            return cmd_models(args, out)
+            return COMMANDS[args.command](args, out)
     except QwenGPTQError as e:
         log.error("error: %s", e)
         return e.exit_code
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         log.error("interrupted; nothing was written")
-        return 130
+        return EXIT_INTERRUPTED
     except MemoryError:
         log.error("error: out of memory; use --device cuda, fewer --num-samples or a smaller --max_len")
         return EXIT_FAILED

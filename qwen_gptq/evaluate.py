@@ -8,14 +8,19 @@ tokens, report exp(mean next-token negative log-likelihood) computed in float32.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import BadInput
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
-def eval_windows(tokenizer, text: str, windows: int = 64, length: int = 512) -> torch.Tensor:
+
+def eval_windows(tokenizer: Tokenizer, text: str, windows: int = 64, length: int = 512) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = min(windows, ids.numel() // length)
     if n == 0:
@@ -29,7 +34,7 @@ def _logits(model, ids: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, device="cpu") -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, device: str | torch.device = "cpu") -> float:
     nll, count = 0.0, 0
     for w in windows:
         logits = _logits(model, w, device)
@@ -39,7 +44,8 @@ def perplexity(model, windows: torch.Tensor, device="cpu") -> float:
 
 
 @torch.no_grad()
-def compare(original, quantized, windows: torch.Tensor, device="cpu") -> dict:
+def compare(original: nn.Module, quantized: nn.Module, windows: torch.Tensor,
+            device: str | torch.device = "cpu") -> dict:
     """Perplexity of both, top-1 agreement and mean KL(original || quantized) per token."""
     nll_o = nll_q = kl = 0.0
     agree = count = 0

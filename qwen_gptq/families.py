@@ -3,16 +3,15 @@
 A family says where the decoder layers live, which Linears of a layer are
 quantized in which true-sequential order (names relative to the layer; `*`
 matches one name component, for MoE experts), and which Linears stay in full
-precision. Adding a family is adding an entry to FAMILIES.
+precision. Adding a family is adding an entry to FAMILIES: nothing else in the package
+names a family.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .errors import BadInput
@@ -27,7 +26,7 @@ class Family:
     sequential: tuple[tuple[str, ...], ...]  # groups of Linear name patterns, in order
     keep: tuple[str, ...] = ()  # Linear name patterns left unquantized (MoE routers)
     remote_code: bool = False
-    moe: bool = False  # fused expert tensors are split into per-expert Linears (see unfuse_experts)
+    moe: bool = False  # fused expert tensors are split into per-expert Linears (hf.unfuse_experts)
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -98,16 +97,9 @@ def family_for(model_type: str | None) -> Family:
     )
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    m = root
-    for part in path.split("."):
-        m = getattr(m, part)
-    return m
-
-
 def decoder_layers(model: nn.Module, family: Family) -> nn.ModuleList:
     try:
-        return get_module(model, family.layers)
+        return model.get_submodule(family.layers)
     except AttributeError:
         raise BadInput(f"the model has no {family.layers!r}: it does not look like a {family.name} model") from None
 
@@ -141,70 +133,6 @@ def _match(name: str, pattern: str) -> bool:
     return len(parts) == len(pats) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats))
 
 
-# --------------------------------------------------------------------------- MoE experts
-
-
-class UnfusedExperts(nn.ModuleList):
-    """Per-expert gate_proj/up_proj/down_proj Linears computing what transformers'
-    fused experts module computes.
-
-    Recent transformers versions keep an MoE layer's experts as two 3-D tensors
-    (gate_up_proj [E, 2I, H], down_proj [E, H, I]); checkpoints on disk, GPTQ kernels
-    and every GPTQ loader name one Linear per expert: mlp.experts.{e}.gate_proj, ... .
-    This module has those names and the fused module's forward signature.
-    """
-
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn):
-        experts = []
-        E, two_i, H = gate_up.shape
-        inter = two_i // 2
-        for e in range(E):
-            m = nn.Module()
-            m.gate_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
-            m.up_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
-            m.down_proj = nn.Linear(inter, H, bias=False, device=down.device, dtype=down.dtype)
-            if gate_up.device.type != "meta":
-                m.gate_proj.weight.data.copy_(gate_up[e, :inter])
-                m.up_proj.weight.data.copy_(gate_up[e, inter:])
-                m.down_proj.weight.data.copy_(down[e])
-            experts.append(m)
-        super().__init__(experts)
-        self.num_experts = E
-        self.act_fn = act_fn
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            if not 0 <= e < self.num_experts:
-                continue
-            token_idx, pos = torch.where(top_k_index == e)
-            x = hidden_states[token_idx]
-            m = self[e]
-            y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
-        return out
-
-
-def unfuse_experts(model: nn.Module) -> int:
-    """Replace every fused experts module by UnfusedExperts, in place. Returns how many."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-        if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3:
-            parent, _, leaf = name.rpartition(".")
-            new = UnfusedExperts(gate_up.data, down.data, module.act_fn)
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
-            count += 1
-    return count
-
-
-def prepare(model: nn.Module, family: Family) -> nn.Module:
-    """Bring a loaded model into the module layout the family describes."""
-    if family.moe:
-        unfuse_experts(model)
-    return model
-
-
 def quantized_module_suffixes(family: Family) -> list[list[str]]:
     """The family's true-sequential groups as name suffixes (`modules_in_block_to_quantize`
     in transformers' GPTQConfig: a Linear whose name ends with none of them stays unquantized)."""
@@ -213,48 +141,3 @@ def quantized_module_suffixes(family: Family) -> list[list[str]]:
         names = [p.rsplit("*.", 1)[-1] for p in patterns]
         groups.append(list(dict.fromkeys(names)))
     return groups
-
-
-@contextlib.contextmanager
-def per_expert_linears(model_type: str):
-    """While inside, transformers builds MoE layers of `model_type` with one Linear per
-    expert (mlp.experts.{e}.gate_proj, ...) instead of fused 3-D expert tensors, so that
-    its GPTQ path (optimum) can put a GPTQ kernel on each expert.
-
-    This uses defuser, which GPTQModel installs and uses for the same purpose.
-    """
-    import defuser
-
-    with transformers_classes_restored(model_type):
-        if not defuser.replace_fused_blocks(model_type):
-            raise RuntimeError(f"defuser cannot split the experts of {model_type} models")
-        yield
-
-
-@contextlib.contextmanager
-def transformers_classes_restored(model_type: str):
-    """Put back, on the way out, the MoE block classes and checkpoint-conversion hook of
-    transformers that defuser patches (GPTQModel.load patches them and leaves them so)."""
-    import importlib
-
-    import transformers
-    from transformers import conversion_mapping
-
-    try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except ImportError:
-        module = None
-    missing = object()
-    targets = [(module, k) for k in vars(module) if k.endswith("SparseMoeBlock")] if module else []
-    targets += [(conversion_mapping, "get_checkpoint_conversion_mapping"),
-                (transformers.modeling_utils, "get_checkpoint_conversion_mapping")]
-    saved = [(obj, name, getattr(obj, name, missing)) for obj, name in targets]
-    try:
-        yield
-    finally:
-        for obj, name, value in saved:
-            if value is missing:
-                if hasattr(obj, name):
-                    delattr(obj, name)
-            else:
-                setattr(obj, name, value)

@@ -1,10 +1,10 @@
-"""The GPTQ solver (Frantar et al., 2022), in plain PyTorch.
+"""GPTQ (Frantar et al., 2022) and its Hessian, in plain PyTorch.
 
-Pure functions: nothing here knows about files, modules or models. The caller
-accumulates the Hessian H = 2/n * sum(x x^T) of a Linear's inputs and hands it to
-`gptq()` together with the weight W [rows=out_features, columns=in_features];
-it gets back the integer codes, the per-group scale and zero point, g_idx, the
-dequantized weight and the loss. The same code runs on CPU and CUDA.
+Pure functions: nothing here knows about files, modules or models. A `Hessian`
+accumulates H = 2/n · Σ x xᵀ over a Linear's inputs; `gptq()` takes it with the weight
+W [rows = out_features, columns = in_features] and returns the integer codes, the
+per-group scale and zero point, g_idx, the dequantized weight and the loss. The same
+code runs on CPU and CUDA; how the inner loop runs fastest is fastpath's business.
 
 Names follow the paper and IST-DASLab's reference implementation: H, damp, Hinv,
 blocksize, Err (the scaled error propagated to the columns not yet quantized).
@@ -14,40 +14,52 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from . import kernels
+from . import fastpath
 
 log = logging.getLogger("qwen_gptq")
+
+MAX_DAMP = 1.0  # dampening is doubled after a failed Cholesky, up to this fraction of mean(diag H)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """The solver's settings (options.py says which the user sets, and how)."""
+
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel (per-channel)
     sym: bool = True
     damp_percent: float = 0.01
     desc_act: bool = False
     static_groups: bool = False
-    true_sequential: bool = True
-    blocksize: int = 128
-    mse: bool = False  # search a clipping ratio per group that minimises the error
+    mse: bool = True  # search a clipping range per group that minimises the squared error
+    min_zero: int = 0  # the smallest zero point the checkpoint format can store (asym)
+    blocksize: int = 128  # columns per lazy-batch block
+    mse_steps: int = 10  # the clipping search tries the min-max range shrunk by
+    mse_step: float = 0.05  # 1 - mse_step·k for k = 1 … mse_steps (0.95 … 0.50)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def mse_shrinks(self) -> tuple[float, ...]:
+        return tuple(round(1 - self.mse_step * k, 6) for k in range(1, self.mse_steps + 1))
+
+
+SOLVER_SETTINGS = tuple(f.name for f in fields(QuantConfig))
 
 
 @dataclass
 class GPTQResult:
     Q: torch.Tensor  # uint8 [rows, columns], integer codes in [0, maxq]
     scale: torch.Tensor  # float32 [groups, rows] (already rounded to float16)
-    zero: torch.Tensor  # int32 [groups, rows], the real zero point (not minus one)
+    zero: torch.Tensor  # int32 [groups, rows], the real zero point
     g_idx: torch.Tensor  # int32 [columns], group of each input column
-    weight: torch.Tensor  # dequantized weight, W's dtype, [rows, columns]
+    weight: torch.Tensor  # dequantized weight, float32 [rows, columns]
     losses: torch.Tensor  # float32 [rows], sum over columns of (w - q)^2 / Hinv_cc^2 / 2
     damp: float  # the damp_percent finally used (higher than asked if Cholesky failed)
 
@@ -56,21 +68,81 @@ class CholeskyFailed(RuntimeError):
     pass
 
 
-# --------------------------------------------------------------------------- quantizer
+# --------------------------------------------------------------------------- the Hessian
 
 
-def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False):
-    """Min-max scale and zero point for each row of x [rows, n].
+class Hessian:
+    """H = 2/n · XᵀX of one Linear's n input rows, accumulated in float32.
 
-    Returns (scale float32 [rows], zero float32 [rows]). Scales are rounded to
-    float16, the precision the checkpoint stores them in, so that what we
-    quantize against is exactly what a loader dequantizes with.
+    XᵀX is symmetric: with X = [A B] split by columns, only AᵀA, AᵀB and BᵀB are
+    computed and BᵀA is mirrored at the end, a quarter fewer FLOPs. Small batches are
+    gathered into chunks of at least CHUNK rows first, where matrix products run faster.
     """
-    maxq = 2**bits - 1
+
+    CHUNK = 2048  # rows per product
+    SPLIT_FROM = 1024  # split into symmetric blocks from this many columns on
+    SPLIT_ALIGN = 64  # the split point is a multiple of this
+
+    def __init__(self, n: int, device: torch.device):
+        self.H = torch.zeros(n, n, device=device, dtype=torch.float32)
+        self.h = n // 2 // self.SPLIT_ALIGN * self.SPLIT_ALIGN if n >= self.SPLIT_FROM else 0  # 0: no split
+        self.count = 0
+        self.buf: torch.Tensor | None = None  # rows waiting to be multiplied, copied here
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate the rows of x [n, columns]."""
+        self.count += x.shape[0]
+        if self.rows + x.shape[0] > self.CHUNK:
+            self._flush()
+        if x.shape[0] >= self.CHUNK:
+            self._product(x)
+            return
+        if self.buf is None:
+            dtype = x.dtype if x.is_cuda else torch.float32
+            self.buf = torch.empty(self.CHUNK, x.shape[1], device=x.device, dtype=dtype)
+        self.buf[self.rows:self.rows + x.shape[0]].copy_(x)
+        self.rows += x.shape[0]
+
+    def _flush(self) -> None:
+        if self.rows:
+            self._product(self.buf[:self.rows])
+            self.rows = 0
+
+    def _product(self, x: torch.Tensor) -> None:
+        h, H = self.h, self.H
+        if not h:
+            fastpath.hessian_addmm(H, x, x)
+            return
+        a, b = x[:, :h], x[:, h:]
+        fastpath.hessian_addmm(H[:h, :h], a, a)
+        fastpath.hessian_addmm(H[:h, h:], a, b)
+        fastpath.hessian_addmm(H[h:, h:], b, b)
+
+    def finish(self) -> torch.Tensor:
+        """2/n · XᵀX (in the accumulator's memory: call once)."""
+        self._flush()
+        if self.h:
+            self.H[self.h:, :self.h].copy_(self.H[:self.h, self.h:].T)
+        return self.H.mul_(2.0 / self.count)
+
+
+# --------------------------------------------------------------------------- the quantization grid
+
+
+def find_params(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float32 [rows] each) for each row of x [rows, n].
+
+    Min-max, or with cfg.mse the shrunk range with the least squared error. Scales are
+    rounded to float16, the precision a checkpoint stores them in, so that what we
+    quantize against is exactly what a loader dequantizes with. Asymmetric zero points
+    stay >= cfg.min_zero: a range that would want a smaller one widens its scale instead.
+    """
+    maxq = cfg.maxq
     x = x.float()
     xmin = x.amin(dim=1).clamp(max=0)
     xmax = x.amax(dim=1).clamp(min=0)
-    if sym:
+    if cfg.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
     both_zero = (xmin == 0) & (xmax == 0)
@@ -79,23 +151,19 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False):
 
     def params(lo, hi):
         scale = _fp16_scale((hi - lo) / maxq)
-        if sym:
-            zero = torch.full_like(scale, (maxq + 1) / 2)
-        else:
-            # The v1 checkpoint format stores zero-1, so a zero point of 0 cannot be
-            # stored: keep zero >= 1, widening the scale when the range is all positive.
-            zero = torch.round(-lo / scale)
-            low = zero < 1
-            scale = torch.where(low, _fp16_scale(hi / (maxq - 1)), scale)
-            zero = torch.where(low, torch.ones_like(zero), zero).clamp(max=maxq)
+        if cfg.sym:
+            return scale, torch.full_like(scale, (maxq + 1) / 2)
+        zero = torch.round(-lo / scale)
+        low = zero < cfg.min_zero
+        scale = torch.where(low, _fp16_scale(hi / (maxq - cfg.min_zero)), scale)
+        zero = torch.where(low, torch.full_like(zero, cfg.min_zero), zero).clamp(max=maxq)
         return scale, zero
 
     scale, zero = params(xmin, xmax)
-    if mse:
-        # Grid search over shrunk ranges (the reference implementation's `mse` option):
-        # clipping a few outliers often lowers the total error of the group.
+    if cfg.mse:
+        # Clipping a few outliers often lowers the total error of the group.
         best = _group_err(x, scale, zero, maxq)
-        for shrink in MSE_GRID:
+        for shrink in cfg.mse_shrinks:
             s, z = params(xmin * shrink, xmax * shrink)
             err = _group_err(x, s, z, maxq)
             better = err < best
@@ -105,59 +173,51 @@ def find_params(x: torch.Tensor, bits: int, sym: bool, mse: bool = False):
     return scale, zero
 
 
-# Shrink factors of the clipping search: 0.95, 0.90, ..., 0.50 of the min-max range.
-MSE_GRID = tuple(round(1 - 0.05 * k, 2) for k in range(1, 11))
-
-
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    tiny = torch.finfo(torch.float16).tiny
-    return scale.clamp(min=tiny, max=torch.finfo(torch.float16).max).half().float()
+    return scale.clamp(min=fastpath.FP16.tiny, max=fastpath.FP16.max).half().float()
 
 
-def _group_err(x, scale, zero, maxq):
+def _group_err(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     q = quantize(x, scale[:, None], zero[:, None], maxq)
     return (dequantize(q, scale[:, None], zero[:, None]) - x).pow(2).sum(dim=1)
 
 
-def quantize(x, scale, zero, maxq):
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes of x for the given (broadcastable) scale and zero point."""
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
-def dequantize(q, scale, zero):
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return scale * (q - zero)
 
 
 # --------------------------------------------------------------------------- GPTQ
 
 
-def inverse_hessian(H: torch.Tensor, damp_percent: float, max_tries: int = 8):
-    """Upper Cholesky factor of (H + damp*mean(diag(H))*I)^-1.
+def inverse_hessian(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, and the damp used.
 
-    If H is not positive definite even after dampening, damp is doubled up to
-    `max_tries` times and the increase is logged. Returns (Hinv, damp used).
-    H's diagonal is dampened in place (and left so).
+    If H is not positive definite even after dampening, damp is doubled, up to MAX_DAMP,
+    and each increase is logged. H's diagonal is dampened in place (and left so).
     """
     n = H.shape[0]
     diag = H.diagonal().clone()
     mean_diag = torch.mean(diag).item()
     damp = damp_percent
-    for _ in range(max_tries):
+    while True:
         H.diagonal().copy_(diag + damp * mean_diag)
         Hinv = upper_cholesky_of_inverse(H)
         if Hinv is not None:
             return Hinv, damp
-        new = min(damp * 2, 1.0) if damp < 1.0 else damp * 2
-        log.warning(
-            "Cholesky of the %dx%d Hessian failed with damp_percent=%g; retrying with %g "
-            "(more or longer calibration samples, or a larger --damp-percent, avoid this)",
-            n, n, damp, new,
-        )
+        if damp >= MAX_DAMP:
+            raise CholeskyFailed(
+                f"the Hessian is not positive definite even with damp_percent={damp:g} (the most tried); "
+                "use more calibration samples (--num-samples) or longer ones (--max_len)"
+            )
+        new = min(damp * 2, MAX_DAMP)
+        log.warning("Cholesky of the %dx%d Hessian failed with damp_percent=%g; retrying with %g "
+                    "(more or longer calibration samples, or a larger --damp-percent, avoid this)", n, n, damp, new)
         damp = new
-    raise CholeskyFailed(
-        f"the Hessian is not positive definite even with damp_percent={damp:g}; "
-        "use more calibration samples (--num-samples) or a larger --damp-percent"
-    )
 
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
@@ -178,11 +238,6 @@ def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
     return U if torch.isfinite(U).all() else None
 
 
-def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig) -> list:
-    """(scale, zero) of each group of `gs` columns of W, from W as it is."""
-    return [find_params(W[:, g * gs:(g + 1) * gs], cfg.bits, cfg.sym, cfg.mse) for g in range(n_groups)]
-
-
 def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
     """Columns per lazy-batch block, chosen so that groups never straddle blocks:
     a multiple of the group size when groups are small, a divisor of it otherwise."""
@@ -190,6 +245,63 @@ def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
     if gs <= blocksize:
         return gs * (blocksize // gs)
     return max(d for d in range(1, blocksize + 1) if gs % d == 0)
+
+
+@dataclass
+class Block:
+    """One lazy-batch block of columns, handed to the inner loop."""
+
+    W: torch.Tensor  # [rows, count], error-compensated so far; updated in place
+    Hinv: torch.Tensor  # [count, count], the block's part of the upper Cholesky factor of H⁻¹
+    scale: torch.Tensor  # [rows] the current group's, when no group starts inside the block
+    zero: torch.Tensor  # [rows]
+    gs_in: int  # the group size when groups start inside the block, else 0
+    n_in: int  # how many groups start inside the block
+    per_col: list | None = None  # static groups: (scale, zero) of each column
+
+
+@dataclass
+class BlockOut:
+    Q: torch.Tensor  # [rows, count] codes
+    Err: torch.Tensor  # [rows, count] scaled errors (w - q) / Hinv_cc
+    Losses: torch.Tensor  # [rows, count] Err²
+    S: torch.Tensor  # [n_in, rows] scales of the groups starting inside the block
+    Z: torch.Tensor  # [n_in, rows] their zero points
+
+    @classmethod
+    def zeros(cls, b: Block) -> BlockOut:
+        rows = b.W.shape[0]
+        return cls(Q=torch.zeros_like(b.W), Err=torch.zeros_like(b.W), Losses=torch.zeros_like(b.W),
+                   S=torch.zeros(b.n_in, rows, device=b.W.device), Z=torch.zeros(b.n_in, rows, device=b.W.device))
+
+    def clone(self) -> BlockOut:
+        return BlockOut(self.Q.clone(), self.Err.clone(), self.Losses.clone(), self.S.clone(), self.Z.clone())
+
+
+def quantize_block(b: Block, out: BlockOut, cfg: QuantConfig) -> None:
+    """GPTQ's inner loop over one block of columns, in place (the reference for fastpath).
+
+    Each column is quantized with its group's parameters (found here when a group starts
+    inside the block), and its scaled error is propagated to the block's later columns.
+    No host synchronisation: the loop can be captured in a CUDA graph.
+    """
+    scale, zero = b.scale, b.zero
+    for i in range(b.W.shape[1]):
+        if b.per_col is not None:
+            scale, zero = b.per_col[i]
+        elif b.gs_in and i % b.gs_in == 0:
+            s, z = find_params(b.W[:, i:i + b.gs_in], cfg)
+            scale.copy_(s)
+            zero.copy_(z)
+            out.S[i // b.gs_in].copy_(s)
+            out.Z[i // b.gs_in].copy_(z)
+        w = b.W[:, i]
+        q = quantize(w, scale, zero, cfg.maxq)
+        err = (w - dequantize(q, scale, zero)) / b.Hinv[i, i]
+        out.Q[:, i] = q
+        out.Losses[:, i] = err**2
+        out.Err[:, i] = err
+        b.W[:, i:].addr_(err, b.Hinv[i, i:], alpha=-1)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False) -> GPTQResult:
@@ -206,25 +318,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     W = W.float().clone()
     H = H.float() if overwrite_h else H.float().clone()
 
-    dead = torch.diag(H) == 0
+    dead = torch.diag(H) == 0  # inputs that never fire: nothing to fit
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    static = None
-    if cfg.static_groups:
-        # Group parameters from the original weights, in the original column order.
-        static = _group_params(W, gs, n_groups, cfg)
+    # Static groups: parameters from the original weights, in the original column order.
+    static = _group_params(W, gs, n_groups, cfg) if cfg.static_groups else None
 
     perm = None
-    if cfg.desc_act:
+    if cfg.desc_act:  # act-order: the columns with the largest inputs first
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-        invperm = torch.argsort(perm)
     # Group of each column in quantization order: groups are formed in that order,
     # except static groups, which keep the original column order.
     source = perm if static is not None and perm is not None else torch.arange(columns, device=W.device)
     g_perm = (source // gs).to(torch.int32)
+    per_col = [static[g] for g in g_perm.tolist()] if static is not None else None
 
     Hinv, damp = inverse_hessian(H, cfg.damp_percent)
     del H
@@ -235,47 +345,26 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     scale = torch.zeros(rows, device=W.device)
     zero = torch.zeros(rows, device=W.device)
     gs_in = gs if gs <= bs else 0  # groups start inside blocks (else only at block starts)
-    static_cols = g_perm.tolist() if static is not None else None
-    fused = static is None and kernels.available(W)
-    graphs = not fused and W.is_cuda and static is None and _graphs_enabled()
+    solve_block = fastpath.block_solver(W, cfg, quantize_block)
 
     for i1 in range(0, columns, bs):
         i2 = min(i1 + bs, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        n_in = math.ceil(count / gs_in) if gs_in else 0
         if static is None and not gs_in and i1 % gs == 0:
             # A group larger than the block starts here: its parameters come from the
             # current (error-compensated) block and the not yet updated rest of the group.
-            scale, zero = find_params(torch.cat([W1, W[:, i2:i1 + gs]], dim=1), cfg.bits, cfg.sym, cfg.mse)
+            scale, zero = find_params(W[:, i1:i1 + gs].contiguous(), cfg)
             scales.append(scale)
             zeros.append(zero)
-        out = None
-        if fused:
-            try:
-                out = kernels.quantize_block(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
-            except Exception as e:  # noqa: BLE001 - a GPU or Triton the kernel cannot run on
-                kernels.disable(e)
-                fused = False
-                graphs = W.is_cuda and _graphs_enabled()
-        if out is not None:
-            Q1, Err1, Losses1, S1, Z1 = out
-        elif graphs:
-            Q1, Err1, Losses1, S1, Z1 = _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, cfg.bits, cfg.sym, cfg.mse)
-        else:
-            Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-            S1 = torch.zeros(n_in, rows, device=W.device)
-            Z1 = torch.zeros(n_in, rows, device=W.device)
-            per_col = [static[g] for g in static_cols[i1:i2]] if static is not None else None
-            quantize_block(W1, Hinv1, Q1, Err1, Losses1, scale, zero, S1, Z1, gs_in, cfg.bits, cfg.sym, cfg.mse,
-                           per_col)
+        block = Block(W=W[:, i1:i2].clone(), Hinv=Hinv[i1:i2, i1:i2], scale=scale, zero=zero, gs_in=gs_in,
+                      n_in=math.ceil((i2 - i1) / gs_in) if gs_in else 0,
+                      per_col=per_col[i1:i2] if per_col is not None else None)
+        out = solve_block(block)
         if gs_in and static is None:
-            scales.extend(S1)
-            zeros.extend(Z1)
-        Q[:, i1:i2] = Q1
-        Losses[:, i1:i2] = Losses1 / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            scales.extend(out.S)
+            zeros.extend(out.Z)
+        Q[:, i1:i2] = out.Q
+        Losses[:, i1:i2] = out.Losses / 2
+        W[:, i2:] -= out.Err @ Hinv[i1:i2, i2:]  # the lazy batch update of the later columns
 
     if static is not None:
         scale_t = torch.stack([s for s, _ in static])
@@ -283,103 +372,19 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     else:
         scale_t = torch.stack(scales)
         zero_t = torch.stack(zeros)
-
+    g_idx = g_perm
     if perm is not None:
+        invperm = torch.argsort(perm)
         Q = Q[:, invperm]
         g_idx = g_perm[invperm]
-    else:
-        g_idx = g_perm
-
-    Qi = Q.to(torch.uint8)
     weight = dequantize(Q, scale_t[g_idx.long()].T, zero_t[g_idx.long()].T)
-    return GPTQResult(
-        Q=Qi,
-        scale=scale_t,
-        zero=zero_t.to(torch.int32),
-        g_idx=g_idx.to(torch.int32),
-        weight=weight,
-        losses=Losses.sum(dim=1),
-        damp=damp,
-    )
+    return GPTQResult(Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx.to(torch.int32),
+                      weight=weight, losses=Losses.sum(dim=1), damp=damp)
 
 
-def quantize_block(W1, Hinv1, Q1, Err1, Losses1, scale, zero, S1, Z1, gs_in, bits, sym, mse=False, per_col=None):
-    """The inner loop of GPTQ over one block of columns, in place.
-
-    W1 is updated as columns are quantized; Q1, Err1 and Losses1 receive the codes,
-    the scaled errors (w - q) / Hinv_cc and the per-weight losses. When groups start
-    inside the block (gs_in > 0) their parameters are computed here and written to
-    S1/Z1; otherwise `scale`/`zero` hold the current group's (or, with per_col, each
-    column has its own). No host synchronisation: the loop can be captured in a CUDA graph.
-    """
-    maxq = 2**bits - 1
-    for i in range(W1.shape[1]):
-        if per_col is not None:
-            scale, zero = per_col[i]
-        elif gs_in and i % gs_in == 0:
-            s, z = find_params(W1[:, i:i + gs_in], bits, sym, mse)
-            scale.copy_(s)
-            zero.copy_(z)
-            S1[i // gs_in].copy_(s)
-            Z1[i // gs_in].copy_(z)
-        w = W1[:, i]
-        q = quantize(w, scale, zero, maxq)
-        err = (w - dequantize(q, scale, zero)) / Hinv1[i, i]
-        Q1[:, i] = q
-        Losses1[:, i] = err**2
-        Err1[:, i] = err
-        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-
-
-# --------------------------------------------------------------------------- CUDA graphs
-#
-# The column loop launches a dozen small kernels per column: on a GPU it is bound by
-# launch overhead, not arithmetic. Captured once per block shape in a CUDA graph and
-# replayed, the same kernels run back to back without the host in the way.
-
-_GRAPHS: dict = {}
-
-
-def _graphs_enabled() -> bool:
-    return os.environ.get("QWEN_GPTQ_CUDA_GRAPHS", "1") != "0"
-
-
-def clear_graphs() -> None:
-    _GRAPHS.clear()
-
-
-def _block_graphed(W1, Hinv1, scale, zero, gs_in, n_in, bits, sym, mse):
-    rows, count = W1.shape
-    key = (W1.device, rows, count, gs_in, bits, sym, mse)
-    entry = _GRAPHS.get(key)
-    if entry is None:
-        dev = W1.device
-        t = {name: torch.zeros(rows, count, device=dev) for name in ("W1", "Q1", "Err1", "Losses1")}
-        t["Hinv1"] = torch.zeros(count, count, device=dev)
-        t["scale"], t["zero"] = torch.ones(rows, device=dev), torch.zeros(rows, device=dev)
-        t["S1"], t["Z1"] = torch.zeros(n_in, rows, device=dev), torch.zeros(n_in, rows, device=dev)
-        t["Hinv1"].copy_(torch.eye(count, device=dev))
-
-        def body():
-            quantize_block(t["W1"], t["Hinv1"], t["Q1"], t["Err1"], t["Losses1"], t["scale"], t["zero"],
-                           t["S1"], t["Z1"], gs_in, bits, sym, mse)
-
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            body()  # warm up (allocator, kernels) outside the capture
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        entry = _GRAPHS[key] = (graph, t)
-    graph, t = entry
-    t["W1"].copy_(W1)
-    t["Hinv1"].copy_(Hinv1)
-    t["scale"].copy_(scale)
-    t["zero"].copy_(zero)
-    graph.replay()
-    return (t["Q1"].clone(), t["Err1"].clone(), t["Losses1"].clone(), t["S1"].clone(), t["Z1"].clone())
+def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig) -> list:
+    """(scale, zero) of each group of `gs` columns of W, from W as it is."""
+    return [find_params(W[:, g * gs:(g + 1) * gs], cfg) for g in range(n_groups)]
 
 
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
@@ -389,15 +394,11 @@ def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     gs = cfg.group_size if cfg.group_size > 0 else columns
     W = W.float()
     g_idx = torch.arange(columns, device=W.device, dtype=torch.int32) // gs
-    n_groups = math.ceil(columns / gs)
-    params = _group_params(W, gs, n_groups, cfg)
+    params = _group_params(W, gs, math.ceil(columns / gs), cfg)
     scale_t = torch.stack([s for s, _ in params])
     zero_t = torch.stack([z for _, z in params])
     s = scale_t[g_idx.long()].T
     z = zero_t[g_idx.long()].T
     Q = quantize(W, s, z, cfg.maxq)
-    weight = dequantize(Q, s, z)
-    return GPTQResult(
-        Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx,
-        weight=weight, losses=torch.zeros(rows, device=W.device), damp=0.0,
-    )
+    return GPTQResult(Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx,
+                      weight=dequantize(Q, s, z), losses=torch.zeros(rows, device=W.device), damp=0.0)

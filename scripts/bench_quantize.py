@@ -22,12 +22,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from qwen_gptq import checkpoint  # noqa: E402
+from qwen_gptq import checkpoint, gptq_v1  # noqa: E402
+from qwen_gptq.calib import Calibration, make_batches  # noqa: E402
 from qwen_gptq.families import family_for  # noqa: E402
 from qwen_gptq.gptq import QuantConfig  # noqa: E402
-from qwen_gptq.pipeline import quantize_model  # noqa: E402
+from qwen_gptq.options import parse_size  # noqa: E402
+from qwen_gptq.pipeline import Plan, quantize_model  # noqa: E402
 
 SHAPES = {
     # model_type, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied
@@ -73,6 +76,10 @@ def main():
                         "the whole `qwen-gptq quantize` process on them (start, load, quantize, pack, save)")
     p.add_argument("--compare", choices=["gptqmodel"], default=None,
                    help="also quantize the same model, samples and settings with GPTQModel in this run")
+    p.add_argument("--packages", nargs="+", metavar="DIR", default=[str(ROOT)],
+                   help="with --end-to-end: time the qwen_gptq package found in each DIR (e.g. a copy of another "
+                        "commit's package), runs alternating, for before/after figures from one run")
+    p.add_argument("--repeat", type=int, default=1, help="with --end-to-end: runs per package")
     a = p.parse_args()
     device = torch.device(a.device)
 
@@ -95,14 +102,15 @@ def main():
     family = family_for(model.config.model_type)
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, model.config.vocab_size, (a.seq_len,), generator=g) for _ in range(a.samples)]
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, mse=not a.no_mse)
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, mse=not a.no_mse, min_zero=gptq_v1.MIN_ZERO)
+    plan = Plan(cfg, device, progress=False)
     # Warm-up, as GPTQModel gets one: a one-layer model of the same shape on two short
     # samples, so that one-time costs (Triton's compile on a machine's first run, CUDA
     # kernels loaded on first use) are reported apart instead of inside the first layer.
     t0 = time.perf_counter()
     if not a.no_warmup:
         warm, _ = build(a.shape, 1, torch.bfloat16, device)
-        quantize_model(warm, family, [s[:64] for s in samples[:2]], cfg, device, progress=False)
+        quantize_model(warm, family, _calibration([s[:64] for s in samples[:2]]), plan)
         del warm
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -115,7 +123,7 @@ def main():
         prof = profile(activities=acts)
         prof.__enter__()
     t0 = time.perf_counter()
-    outcome = quantize_model(model, family, samples, cfg, device, progress=False)
+    outcome = quantize_model(model, family, _calibration(samples), plan)
     quant_s = time.perf_counter() - t0
     if prof is not None:
         prof.__exit__(None, None, None)
@@ -127,7 +135,7 @@ def main():
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             state = checkpoint.build_state_dict(model, outcome.packed, torch.float16)
-            checkpoint.save_weights(state, Path(tmp), checkpoint.parse_size("5GB"))
+            checkpoint.save_weights(state, Path(tmp), parse_size("5GB"))
         save_s = time.perf_counter() - t0
 
     n = model.config.num_hidden_layers
@@ -159,6 +167,10 @@ def main():
     print(json.dumps(result))
 
 
+def _calibration(samples: list[torch.Tensor]) -> Calibration:
+    return Calibration(make_batches(samples, 1, 0), len(samples))
+
+
 def end_to_end(model, a, full_layers, build_s):
     """Time `python -m qwen_gptq quantize` as a user runs it, on the saved random model."""
     import shutil
@@ -166,7 +178,7 @@ def end_to_end(model, a, full_layers, build_s):
 
     from transformers import AutoTokenizer
 
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     model.save_pretrained(tmp / "model")
@@ -184,22 +196,27 @@ def end_to_end(model, a, full_layers, build_s):
     cmd = [sys.executable, "-m", "qwen_gptq", "quantize", "--model_name_or_path", str(tmp / "model"),
            "--data_path", str(tmp / "calib.json"), "--out_path", str(tmp / "out"), "--bits", str(a.bits),
            "--group-size", str(a.group_size), "--max_len", str(a.seq_len), "--num-samples", str(a.samples),
-           "--device", a.device, "--json", "--quiet"] + (["--no-mse"] if a.no_mse else [])
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.exit(f"qwen-gptq quantize failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    cli = json.loads(r.stdout)
+           "--device", a.device, "--json", "--quiet", "--overwrite"] + (["--no-mse"] if a.no_mse else [])
+    runs: dict[str, list] = {p: [] for p in a.packages}
+    for _ in range(a.repeat):
+        for package in a.packages:  # alternating, so that drift in the machine hits both alike
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, cwd=package, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                sys.exit(f"qwen-gptq quantize ({package}) failed ({r.returncode}):\n{r.stderr[-3000:]}")
+            cli = json.loads(r.stdout)
+            runs[package].append({"end_to_end_s": round(wall, 2), "cli_timings": cli["timings"],
+                                  "peak_gpu_gb": round(cli["peak_gpu_bytes"] / 1e9, 2),
+                                  "peak_host_gb": round(cli["peak_host_bytes"] / 1e9, 2)})
     size = sum(f.stat().st_size for f in (tmp / "out").iterdir())
     shutil.rmtree(tmp, ignore_errors=True)
     return {"shape": a.shape, "layers": len(cli["layers"]), "full_layers": full_layers, "samples": a.samples,
             "seq_len": a.seq_len, "tokens": cli["tokens"], "bits": a.bits, "group_size": a.group_size,
             "card": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "build_s": round(build_s, 1), "prepare_s": round(prepare_s, 1), "end_to_end_s": round(wall, 2),
-            "cli_timings": cli["timings"], "peak_gpu_gb": round(cli["peak_gpu_bytes"] / 1e9, 2),
-            "peak_host_gb": round(cli["peak_host_bytes"] / 1e9, 2), "output_gb": round(size / 1e9, 2)}
+            "build_s": round(build_s, 1), "prepare_s": round(prepare_s, 1), "output_gb": round(size / 1e9, 2),
+            "runs": runs}
 
 
 def run_gptqmodel(model_dir, samples, a):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from qwen_gptq.evaluate import eval_windows, perplexity
-from qwen_gptq.loader import load_original, load_quantized
+from qwen_gptq.hf import load_model, load_quantized
 
 
 def main():
@@ -28,8 +30,10 @@ def main():
     a = p.parse_args()
     t0 = time.perf_counter()
     config = json.loads((Path(a.model) / "config.json").read_text())
-    load = load_quantized if "quantization_config" in config else load_original
-    model, tok = load(a.model, trust_remote_code=a.trust_remote_code)
+    if "quantization_config" in config:
+        model, tok = load_quantized(a.model, trust_remote_code=a.trust_remote_code)
+    else:
+        model, tok = load_model(a.model, torch.float32, a.trust_remote_code)
     windows = eval_windows(tok, Path(a.eval_text).read_text(encoding="utf-8"), a.windows, a.length)
     ppl = perplexity(model, windows)
     print(json.dumps({"model": a.model, "ppl": round(ppl, 3), "windows": int(windows.shape[0]),

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_gptq.loader import load_quantized
+from qwen_gptq.hf import load_quantized
 
-from .conftest import EVAL_TEXT, ROOT, cli, cli_subprocess
+from .conftest import EVAL_TEXT, ROOT, TINY, cli, cli_subprocess, make_tiny, quantize_cli
 
 REQUIRED = os.environ.get("QWEN_GPTQ_REQUIRE_ECOSYSTEM") == "1"
 
@@ -70,13 +70,11 @@ def test_autogptq_loads_our_output(w4, tmp_path):
 def test_qwen1_remote_code_through_transformers(tmp_path):
     """Qwen1's remote code: transformers loads the quantized directory with trust_remote_code."""
     _need(importlib.util.find_spec("gptqmodel"), "the gptqmodel extra is not installed")
-    from .conftest import TINY
     from .fixtures.make_qwen1 import make_qwen1
-    from .test_families import quantize
 
     src = make_qwen1(TINY, tmp_path / "qwen1")
     out = tmp_path / "q"
-    quantize(src, out, "--trust-remote-code", "--num-samples", "16", "--max_len", "128")
+    quantize_cli(src, out, "--trust-remote-code", "--num-samples", "16", "--max_len", "128")
     r = cli_subprocess("verify", str(out), "--trust-remote-code", "--loader", "transformers", "--max-new-tokens", "4",
             "--json", "-q")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
@@ -95,14 +93,12 @@ def test_moe_through_gptqmodel_and_transformers(tmp_path, model_type):
     _need(importlib.util.find_spec("gptqmodel"), "the gptqmodel extra is not installed")
     import transformers.models.qwen2_moe.modeling_qwen2_moe as qwen2_moe
 
-    from .test_families import make_tiny, quantize
-
     extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
     if model_type == "qwen2_moe":
         extra["shared_expert_intermediate_size"] = 256
     src = make_tiny(tmp_path / "src", model_type, **extra)
     out = tmp_path / "q"
-    quantize(src, out, "--num-samples", "16", "--max_len", "128")
+    quantize_cli(src, out, "--num-samples", "16", "--max_len", "128")
     block = qwen2_moe.Qwen2MoeSparseMoeBlock
     for loader in ("gptqmodel", "transformers"):
         r = cli("verify", str(out), "--loader", loader, "--max-new-tokens", "4", "--json", "-q")

@@ -1,32 +1,22 @@
 """Every Qwen generation: Qwen1 (remote code), Qwen3 (tied and untied), Qwen2-MoE and Qwen3-MoE."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from qwen_gptq.families import FAMILIES, UnfusedExperts, family_for
-from qwen_gptq.loader import load_original, load_quantized
+from qwen_gptq.families import FAMILIES, family_for
+from qwen_gptq.hf import UnfusedExperts, load_model, load_quantized, unfuse_experts
 
-from .conftest import CALIB, EVAL_TEXT, ROOT, TINY, cli
+from .conftest import CALIB, EVAL_TEXT, TINY, cli, make_tiny
+from .conftest import quantize_cli as quantize
+from .conftest import verify_cli as verify
 from .fixtures.make_qwen1 import CODE_FILES, make_qwen1
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 
-
-def quantize(model, out, *extra):
-    r = cli("quantize", "--model_name_or_path", str(model), "--data_path", CALIB, "--out_path", str(out),
-            "--json", "-q", *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)
-
-
-def verify(out, *extra):
-    r = cli("verify", str(out), "--json", "-q", "--max-new-tokens", "8", *extra)
-    report = json.loads(r.stdout) if r.stdout.strip() else None
-    return r.returncode, report, r.stderr
+def load_original(directory, **kw):
+    return load_model(directory, torch.float32, **kw)
 
 
 def keys(directory):
@@ -88,25 +78,6 @@ def test_qwen1_quantize_verify_chat(qwen1, tmp_path):
 # ----------------------------------------------------------------------------- tiny random models
 
 
-def make_tiny(directory, model_type, tied=False, **extra):
-    """A small random-weight model of `model_type`, with qwen2-tiny's tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=tied, max_position_embeddings=512,
-              bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    if model_type in ("qwen3", "qwen3_moe"):
-        kw["head_dim"] = 32
-    kw.update(extra)
-    config = AutoConfig.for_model(model_type, **kw)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory)
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(ROOT / "examples" / "qwen2-tiny" / f, directory / f)
-    return directory
-
-
 def _logit_cosine(original, quantized):
     ids = torch.arange(3, 67).view(1, -1)
     with torch.no_grad():
@@ -166,8 +137,6 @@ def test_moe(tmp_path, model_type):
 def test_unfused_experts_match_fused(tmp_path):
     """Splitting transformers' fused expert tensors into Linears changes nothing numerically."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qwen_gptq.families import unfuse_experts
 
     config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=100,

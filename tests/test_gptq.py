@@ -1,8 +1,10 @@
 """The solver on synthetic problems: it must beat round-to-nearest where the paper says it does."""
 
+import pytest
 import torch
 
-from qwen_gptq.gptq import QuantConfig, find_params, gptq, inverse_hessian, rtn
+from qwen_gptq.gptq import MAX_DAMP, CholeskyFailed, QuantConfig, find_params, gptq, inverse_hessian, rtn
+from qwen_gptq.gptq_v1 import MIN_ZERO
 
 
 def _problem(seed=0, out_f=96, in_f=256, n=2048):
@@ -45,8 +47,10 @@ def test_desc_act_and_static_groups_are_valid_quantizations():
 def test_asym_zero_point_is_storable_in_v1_format():
     # An all-positive group would want zero point 0, which v1 (zero - 1) cannot store.
     x = torch.rand(4, 32) + 0.5
-    scale, zero = find_params(x, 4, sym=False)
+    scale, zero = find_params(x, QuantConfig(bits=4, sym=False, min_zero=MIN_ZERO, mse=False))
     assert (zero >= 1).all() and (zero <= 15).all()
+    # Without the format's constraint the same range would take zero point 0.
+    assert (find_params(x, QuantConfig(bits=4, sym=False, mse=False))[1] == 0).all()
     q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, 15)
     err = (scale[:, None] * (q - zero[:, None]) - x).abs().max()
     assert err <= scale.max() / 2 + 1e-6
@@ -61,6 +65,17 @@ def test_failed_cholesky_raises_damp_and_logs(caplog):
     assert damp > 0.01
     assert torch.isfinite(Hinv).all()
     assert "Cholesky" in caplog.text and "damp" in caplog.text
+
+
+def test_cholesky_gives_up_at_the_damp_ceiling_and_says_so(caplog):
+    H = -torch.eye(8)  # negative definite: no dampening up to MAX_DAMP rescues it
+    with caplog.at_level("WARNING", logger="qwen_gptq"), pytest.raises(CholeskyFailed) as e:
+        inverse_hessian(H, 0.01)
+    assert f"damp_percent={MAX_DAMP:g}" in str(e.value)
+    retries = [r.getMessage() for r in caplog.records]
+    assert retries and retries[-1].endswith(f"retrying with {MAX_DAMP:g} (more or longer calibration samples, "
+                                            "or a larger --damp-percent, avoid this)")
+    assert not any(f"retrying with {2 * MAX_DAMP:g}" in m for m in retries)  # never announces a try it won't make
 
 
 def test_dead_inputs_and_scales_are_finite():

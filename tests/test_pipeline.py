@@ -5,13 +5,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_gptq import calib
 from qwen_gptq.families import family_for
-from qwen_gptq.gptq import QuantConfig
-from qwen_gptq.pipeline import Hessian, quantize_model
+from qwen_gptq.gptq import Hessian, QuantConfig
+from qwen_gptq.pipeline import Plan, quantize_model
 
 from .conftest import CALIB, TINY
 
 
-def test_hessian_in_chunks_and_symmetric_blocks_equals_xtx():
+def test_hessian_in_chunks_and_symmetric_blocks_equals_2_over_n_xtx():
     g = torch.Generator().manual_seed(0)
     n = 1152  # large enough to be split into blocks
     parts = [torch.randn(r, n, generator=g) for r in (100, 3000, 7, 1900, 64)]
@@ -19,11 +19,11 @@ def test_hessian_in_chunks_and_symmetric_blocks_equals_xtx():
     for x in parts:
         acc.add(x)
     X = torch.cat(parts).double()
-    expected = (X.T @ X).float()
+    expected = (2 * X.T @ X / X.shape[0]).float()
     H = acc.finish()
     assert acc.count == X.shape[0]
     assert torch.equal(H, H.T)
-    torch.testing.assert_close(H, expected, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(H, expected, rtol=1e-4, atol=1e-2 * 2 / X.shape[0])  # 1e-2 on XᵀX itself
 
 
 def _two_layer_tiny():
@@ -35,7 +35,7 @@ def _two_layer_tiny():
 
 def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monkeypatch):
     tok = AutoTokenizer.from_pretrained(TINY)
-    samples = calib.tokenize_samples(calib.read_samples(CALIB)[:6], tok, 128)
+    calibration = calib.calibration(calib.read_samples(CALIB)[:6], tok, 128, batch_size=1)
     family = family_for("qwen2")
     cfg = QuantConfig(bits=4, group_size=128)
 
@@ -50,8 +50,8 @@ def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monke
     results = {}
     for budget in (0, 1 << 30):
         calls["n"] = 0
-        out = quantize_model(_two_layer_tiny(), family, samples, cfg, torch.device("cpu"), progress=False,
-                             memo_bytes=budget)
+        plan = Plan(cfg, torch.device("cpu"), progress=False, memo_bytes=budget)
+        out = quantize_model(_two_layer_tiny(), family, calibration, plan)
         results[budget] = (out.packed, calls["n"])
 
     (plain, n_plain), (memo, n_memo) = results[0], results[1 << 30]
@@ -61,6 +61,6 @@ def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monke
             assert torch.equal(plain[name][k], memo[name][k]), (name, k)
     # 7 Linears per layer, each computed once per batch (the last layer's down_proj feeds
     # nothing); without memoized outputs the later passes recompute the earlier groups.
-    batches = len(samples)
+    batches = len(calibration.batches)
     assert n_memo == batches * (7 * 2 - 1)
     assert n_plain > n_memo

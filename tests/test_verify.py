@@ -115,6 +115,38 @@ def test_damage_is_found_and_named(damaged, damage, capsys):
     assert checks(report)["generate"]["status"] == "skip"
 
 
+def test_bad_device_is_bad_input(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128}}))
+    r = cli("verify", str(tmp_path), "--device", "tpu")
+    assert r.returncode == 2 and "--device tpu" in r.stderr and "internal error" not in r.stderr
+
+
+@pytest.mark.slow
+def test_every_failure_says_what_is_wrong(damaged, capsys):
+    """A structure check that stops early still names the problem in its one-line message."""
+    config = json.loads((damaged / "config.json").read_text())
+    for k in ("config.json", "quantize_config.json"):
+        q = json.loads((damaged / k).read_text())
+        (q.get("quantization_config", q))["bits"] = 5
+        (damaged / k).write_text(json.dumps(q))
+    (damaged / "model.safetensors.index.json").unlink()
+    for shard in damaged.glob("model-*.safetensors"):
+        shard.unlink()
+    code, report = run_verify(capsys, damaged)
+    assert code == 1
+    structure = checks(report)["structure"]
+    assert structure["status"] == "fail" and "bits 5 is not one of" in structure["message"]
+    config["quantization_config"]["bits"] = 4
+    (damaged / "config.json").write_text(json.dumps(config))
+    (damaged / "quantize_config.json").write_text(json.dumps(config["quantization_config"]))
+    code, report = run_verify(capsys, damaged)
+    structure = checks(report)["structure"]
+    assert code == 1 and "no model.safetensors or model.safetensors.index.json" in structure["message"]
+    r = cli("verify", str(damaged))
+    assert "FAIL  structure    " in r.stdout and "model.safetensors" in r.stdout.split("FAIL  structure")[1]
+
+
 def test_not_a_checkpoint_is_bad_input(tmp_path):
     r = cli_subprocess("verify", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no such directory" in r.stderr
@@ -125,7 +157,8 @@ def test_not_a_checkpoint_is_bad_input(tmp_path):
 
 @pytest.mark.slow
 def test_vllm_reads_what_it_needs(w4):
-    """vLLM's GPTQ config parsing reads these keys with these types (vllm/model_executor/layers/quantization)."""
+    """vLLM's GPTQ config parsing reads these keys with these types (vllm/model_executor/layers/quantization),
+    and with `lm_head` absent or false it builds lm_head unquantized: so it must be stored as a plain weight."""
     out, _ = w4
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "gptq"
@@ -134,6 +167,8 @@ def test_vllm_reads_what_it_needs(w4):
     assert type(q["sym"]) is bool and type(q["desc_act"]) is bool
     assert "is_marlin_format" not in q
     assert q.get("lm_head", False) is False
+    keys = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "lm_head.weight" in keys and not any(k.startswith("lm_head.") and k != "lm_head.weight" for k in keys)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The solver's Triton block kernel against the PyTorch column loop.
+"""The solver's fast paths against the PyTorch column loop: the Triton block kernel.
 
 The kernel runs on CUDA in production; here it runs in Triton's CPU interpreter
 (TRITON_INTERPRET=1, set before Triton is imported, hence the subprocess) and must give
@@ -17,14 +17,14 @@ from .conftest import ROOT
 SCRIPT = textwrap.dedent("""
     import json, os
     import torch
-    from qwen_gptq import gptq as G, kernels
+    from qwen_gptq import gptq as G, fastpath
 
     calls = {"n": 0}
-    block = kernels.quantize_block
+    block = fastpath.triton_block
     def counted(*a, **k):
         calls["n"] += 1
         return block(*a, **k)
-    kernels.quantize_block = counted
+    fastpath.triton_block = counted
 
     out = []
     g = torch.Generator().manual_seed(0)
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
         W = torch.randn(rows, cols, generator=g)
         X = torch.randn(2 * cols, cols, generator=g) * torch.linspace(0.1, 3, cols)
         H = 2 * X.T @ X / X.shape[0]
-        cfg = G.QuantConfig(bits=bits, group_size=gs, sym=sym, mse=mse)
+        cfg = G.QuantConfig(bits=bits, group_size=gs, sym=sym, mse=mse, min_zero=1)
         before = calls["n"]
         a = G.gptq(W, H, cfg)
         after = calls["n"]
@@ -49,9 +49,9 @@ SCRIPT = textwrap.dedent("""
     # A kernel that fails (a GPU Triton cannot build for) hands over to the loop, once.
     def broken(*a, **k):
         raise RuntimeError("no kernel for this GPU")
-    kernels.quantize_block = broken
+    fastpath.triton_block = broken
     fallback = G.gptq(W, H, cfg)
-    fell_back = {"equal": torch.equal(fallback.Q, b.Q), "disabled": not kernels.available(W)}
+    fell_back = {"equal": torch.equal(fallback.Q, b.Q), "disabled": not fastpath.triton_available(W)}
     print(json.dumps({"cases": out, "fallback": fell_back}))
 """)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen_gptq.gptq import QuantConfig, gptq
-from qwen_gptq.packing import dequantize_linear, pack, pack_linear, unpack
+from qwen_gptq.gptq_v1 import MIN_ZERO, dequantize_linear, pack, pack_linear, packing_problem, tensor_specs, unpack
 
 
 def reference_unpack(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -54,9 +54,11 @@ def test_linear_round_trip(bits, group_size, desc_act):
     W = torch.randn(out_f, in_f)
     X = torch.randn(512, in_f)
     H = 2 * X.T @ X / X.shape[0]
-    res = gptq(W, H, QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act))
+    res = gptq(W, H, QuantConfig(bits=bits, group_size=group_size, desc_act=desc_act, min_zero=MIN_ZERO))
     t = pack_linear(res.Q, res.scale, res.zero, res.g_idx, bits)
     n_groups = 1 if group_size == -1 else in_f // group_size
+    for name, spec in tensor_specs(in_f, out_f, bits, group_size).items():  # what the writer, loader and verify expect
+        assert t[name].shape == spec.shape and t[name].dtype == spec.dtype, name
     assert t["qweight"].shape == (in_f * bits // 32, out_f) and t["qweight"].dtype == torch.int32
     assert t["qzeros"].shape == (n_groups, out_f * bits // 32) and t["qzeros"].dtype == torch.int32
     assert t["scales"].shape == (n_groups, out_f) and t["scales"].dtype == torch.float16
@@ -75,3 +77,11 @@ def test_linear_round_trip(bits, group_size, desc_act):
         assert not torch.equal(g, torch.arange(in_f) // group_size)
     else:
         assert torch.equal(g, torch.arange(in_f) // (in_f if group_size == -1 else group_size))
+
+
+def test_packable_shapes_are_the_formats_rule():
+    cfg = QuantConfig(bits=3, group_size=128)
+    assert packing_problem("x", 256, 96, cfg) is None
+    assert "multiples of 32" in packing_problem("mlp.down_proj", 256, 100, cfg)
+    assert "not a multiple of --group-size 128" in packing_problem("x", 320, 64, QuantConfig(bits=4, group_size=128))
+    assert packing_problem("x", 320, 64, QuantConfig(bits=4, group_size=-1)) is None

@@ -1,0 +1,276 @@
+"""The transformers side: loading models and tokenizers, our reference loader, and the
+load-time adjustments transformers needs for Qwen's MoE models.
+
+- load_model(): a checkpoint as transformers builds it (for quantizing, or as the
+  original to compare with), laid out as its family says (MoE experts split).
+- QuantLinear / load_quantized(): our reference loader for GPTQ checkpoints, independent
+  of optimum/gptqmodel. It dequantizes the packed tensors (once, cached) with the formula
+  every GPTQ kernel implements; slow and simple on purpose, the yardstick the ecosystem
+  loaders are compared against.
+- transformers_from_pretrained() / gptqmodel_load(): the ecosystem's loaders, as a user
+  calls them, with transformers' classes restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from . import checkpoint, gptq_v1
+from .errors import BadInput
+from .families import Family, family_for, quantized_module_suffixes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
+               trust_remote_code: bool = False) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) of an unquantized checkpoint as transformers builds it, in eval
+    mode without KV cache (prepare() lays it out as its family describes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     low_cpu_mem_usage=True)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load the model from {model_dir}: {e}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def prepare(model: nn.Module, family: Family) -> nn.Module:
+    """Bring a model transformers built into the module layout the family describes."""
+    if family.moe:
+        unfuse_experts(model)
+    return model
+
+
+# --------------------------------------------------------------------------- MoE experts
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Per-expert gate_proj/up_proj/down_proj Linears computing what transformers'
+    fused experts module computes.
+
+    Recent transformers versions keep an MoE layer's experts as two 3-D tensors
+    (gate_up_proj [E, 2I, H], down_proj [E, H, I]); checkpoints on disk, GPTQ kernels
+    and every GPTQ loader name one Linear per expert: mlp.experts.{e}.gate_proj, ... .
+    This module has those names and the fused module's forward signature.
+    """
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act_fn):
+        experts = []
+        E, two_i, H = gate_up.shape
+        inter = two_i // 2
+        for e in range(E):
+            m = nn.Module()
+            m.gate_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
+            m.up_proj = nn.Linear(H, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype)
+            m.down_proj = nn.Linear(inter, H, bias=False, device=down.device, dtype=down.dtype)
+            if gate_up.device.type != "meta":
+                m.gate_proj.weight.data.copy_(gate_up[e, :inter])
+                m.up_proj.weight.data.copy_(gate_up[e, inter:])
+                m.down_proj.weight.data.copy_(down[e])
+            experts.append(m)
+        super().__init__(experts)
+        self.num_experts = E
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < self.num_experts:
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            x = hidden_states[token_idx]
+            m = self[e]
+            y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+        return out
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module by UnfusedExperts, in place. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3:
+            parent, _, leaf = name.rpartition(".")
+            new = UnfusedExperts(gate_up.data, down.data, module.act_fn)
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- our reference loader
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        for name, spec in gptq_v1.tensor_specs(in_features, out_features, bits, group_size).items():
+            self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._weight = None
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return gptq_v1.dequantize_linear(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight is None or self._weight.dtype != x.dtype or self._weight.device != x.device:
+            self._weight = self.dequantized(x.dtype).to(x.device)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint (single file or sharded)."""
+    tensors = {}
+    for f in checkpoint.weight_index(model_dir)[0]:
+        with safe_open(str(model_dir / f), framework="pt") as sf:
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+    return tensors
+
+
+def empty_model(model_dir: str | Path, trust_remote_code: bool = False,
+                dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
+    """The model a GPTQ directory describes, with weights on the meta device, laid out as
+    its family expects (MoE experts split), and its quantization_config as a dict."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise BadInput(f"{model_dir}: cannot read the config ({e}); add --trust-remote-code for remote-code models") from None
+    q = getattr(config, "quantization_config", None) or {}
+    q = q if isinstance(q, dict) else q.to_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build plain Linears; we swap in our own QuantLinear
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    return prepare(model, family_for(config.model_type)), q
+
+
+def load_quantized(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) of a GPTQ directory, through QuantLinear."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    model, q = empty_model(model_dir, trust_remote_code, dtype)
+    config = model.config
+    bits, group_size = int(q["bits"]), int(q["group_size"])
+    tensors = read_tensors(model_dir)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
+            parent, _, leaf = name.rpartition(".")
+            ql = QuantLinear(module.in_features, module.out_features, bits, group_size, module.bias is not None)
+            setattr(model.get_submodule(parent) if parent else model, leaf, ql)
+    state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    missing = [k for k in missing if "rotary" not in k and not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise BadInput(f"{model_dir}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- the ecosystem's loaders
+
+
+def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, **kwargs) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained through transformers' GPTQ path (optimum +
+    gptqmodel kernels), as a user would call it.
+
+    MoE models need two things transformers does not do by itself (transformers 5 fuses
+    experts into 3-D tensors no GPTQ kernel takes): one Linear per expert while the model
+    is built (per_expert_linears), and `modules_in_block_to_quantize`, so that the
+    router's shared-expert gate stays a plain Linear. Both are load-time settings: the
+    checkpoint stays the standard GPTQ v1 layout every loader reads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"device_map": "cpu", "dtype": torch.float16, **kwargs}
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    family = family_for(config.model_type)
+    if not family.moe:
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    q = config.quantization_config
+    q = q if isinstance(q, dict) else q.to_dict()
+    config.quantization_config = {**q, "modules_in_block_to_quantize": quantized_module_suffixes(family)}
+    with per_expert_linears(config.model_type):
+        return AutoModelForCausalLM.from_pretrained(str(path), config=config, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
+
+
+def gptqmodel_load(path: Path, model_type: str, trust_remote_code: bool = False) -> nn.Module:
+    """GPTQModel.load, with transformers' classes put back afterwards."""
+    import gptqmodel
+
+    with transformers_classes_restored(model_type):
+        return gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def per_expert_linears(model_type: str) -> Iterator[None]:
+    """While inside, transformers builds MoE layers of `model_type` with one Linear per
+    expert (mlp.experts.{e}.gate_proj, ...) instead of fused 3-D expert tensors, so that
+    its GPTQ path (optimum) can put a GPTQ kernel on each expert.
+
+    This uses defuser, which GPTQModel installs and uses for the same purpose.
+    """
+    import defuser
+
+    with transformers_classes_restored(model_type):
+        if not defuser.replace_fused_blocks(model_type):
+            raise RuntimeError(f"defuser cannot split the experts of {model_type} models")
+        yield
+
+
+@contextlib.contextmanager
+def transformers_classes_restored(model_type: str) -> Iterator[None]:
+    """Put back, on the way out, the MoE block classes and checkpoint-conversion hook of
+    transformers that defuser patches (GPTQModel.load patches them and leaves them so)."""
+    import transformers
+    from transformers import conversion_mapping
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        module = None
+    missing = object()
+    targets = [(module, k) for k in vars(module) if k.endswith("SparseMoeBlock")] if module else []
+    targets += [(conversion_mapping, "get_checkpoint_conversion_mapping"),
+                (transformers.modeling_utils, "get_checkpoint_conversion_mapping")]
+    saved = [(obj, name, getattr(obj, name, missing)) for obj, name in targets]
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            if value is missing:
+                if hasattr(obj, name):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)

@@ -1,0 +1,170 @@
+"""Every setting of `qwen-gptq quantize`: its name, default, choices and help, once.
+
+The solver's settings are gptq.QuantConfig's fields (defaults there); the rest are
+QuantizeOptions' fields. The CLI makes its flags from FLAGS and the fields' metadata
+(`--group-size` and `--group_size` both), and quantize_config.json is written from a
+QuantizeOptions. Which checkpoint format the output takes is decided here too: its
+constraints (gptq_v1.MIN_ZERO) go into the solver's settings.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
+
+import torch
+
+from . import gptq_v1
+from .errors import BadInput
+from .gptq import QuantConfig
+
+DTYPES = ("float16", "bfloat16")  # of the tensors left unquantized
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting appears on the command line."""
+
+    help: str
+    metavar: str | None = None
+    choices: tuple | None = None
+    negative: str | None = None  # for a bool that is on by default: the flag that turns it off
+    positional: bool = False
+    primary: str | None = None  # the spelling --help shows first, where run_gptq.py has one
+
+
+# The solver settings a user sets, with their flags (defaults: QuantConfig's).
+SOLVER_FLAGS = MappingProxyType({
+    "bits": Flag("bits per weight", choices=gptq_v1.SUPPORTED_BITS),
+    "group_size": Flag("columns per quantization group; -1 per channel", metavar="N"),
+    "damp_percent": Flag("Hessian dampening, fraction of mean diag", metavar="F"),
+    "desc_act": Flag("quantize columns in order of decreasing activation (--no-desc-act: off)", negative="--no-desc-act"),
+    "sym": Flag("symmetric quantization (default); --asym: a zero point per group", negative="--asym"),
+    "static_groups": Flag("fix group parameters before the solve"),
+    "mse": Flag("per group, search a clipping range minimising the quantization error (--no-mse: plain min-max "
+                "scales)", negative="--no-mse"),
+})
+
+
+def option(help: str, default: typing.Any = None, **kw) -> typing.Any:
+    """A dataclass field with its flag."""
+    return field(default=default, metadata={"flag": Flag(help, **kw)})
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    model_name_or_path: str = field(metadata={"flag": Flag("model directory (or hub id)", metavar="MODEL",
+                                                           primary="--model_name_or_path")})
+    data_path: str = field(metadata={"flag": Flag("calibration data (JSON list or JSON Lines)", metavar="FILE",
+                                                  primary="--data_path")})
+    out_path: str = field(metadata={"flag": Flag("output directory", metavar="DIR", primary="--out_path")})
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(min_zero=gptq_v1.MIN_ZERO))
+    true_sequential: bool = option("quantize q/k/v, o, gate/up, down one after another (--no-true-sequential: off)", True,
+                               negative="--no-true-sequential")
+    max_len: int = option("truncate each sample to N tokens", 8192, metavar="N", primary="--max_len")
+    num_samples: int | None = option("use the first N samples (default: all)", None, metavar="N")
+    device: str = option("auto (CUDA when available), cpu, cuda, cuda:N", "auto")
+    batch_size: int = option("calibration samples per forward pass", 1, metavar="N")
+    seed: int | None = option("shuffle the samples with this seed before --num-samples", None, metavar="S")
+    trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
+    overwrite: bool = option("replace a non-empty --out_path", False)
+    max_shard_size: str = option("split weights into shards of at most SIZE", "5GB", metavar="SIZE")
+    dtype: str = option("dtype of unquantized tensors", "float16", choices=DTYPES)
+    reference_config: str | None = option("config.json of an official quantized model", None, metavar="FILE")
+    progress: bool = True  # progress bars and per-layer lines (-q turns them off)
+
+    @classmethod
+    def build(cls, **settings) -> QuantizeOptions:
+        """Options from flat settings (as the command line has them): the solver's go into
+        `quant`, with the checkpoint format's constraints."""
+        solver = {k: settings.pop(k) for k in list(settings) if k in SOLVER_FLAGS}
+        return cls(quant=QuantConfig(**solver, min_zero=gptq_v1.MIN_ZERO), **settings)
+
+    def validate(self) -> None:
+        """BadInput (exit 2) for a value no run could use."""
+        q = self.quant
+        if q.bits not in gptq_v1.SUPPORTED_BITS:
+            raise BadInput(f"--bits {q.bits}: supported values are {', '.join(map(str, gptq_v1.SUPPORTED_BITS))}")
+        if q.group_size == 0 or q.group_size < -1:
+            raise BadInput(f"--group-size {q.group_size}: use -1 (per-channel) or a positive integer")
+        if not 0 < q.damp_percent <= 1:
+            raise BadInput(f"--damp-percent {q.damp_percent} must be in (0, 1]")
+        if q.static_groups and q.group_size == -1:
+            raise BadInput("--static-groups needs a group size (not --group-size -1)")
+        if self.max_len < 1:
+            raise BadInput(f"--max_len {self.max_len} must be at least 1")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise BadInput(f"--num-samples {self.num_samples} must be at least 1")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
+        parse_size(self.max_shard_size)
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def quantization_config(self) -> dict:
+        """The block written to quantize_config.json and config.json."""
+        return gptq_v1.quantization_config(self.quant, self.true_sequential, self.model_name_or_path)
+
+    def report(self) -> dict:
+        """The settings as `--json` reports them."""
+        q = self.quant
+        return {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, "damp_percent": q.damp_percent,
+                "desc_act": q.desc_act, "static_groups": q.static_groups, "true_sequential": self.true_sequential,
+                "mse": q.mse}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One flag, for the command line to declare."""
+
+    name: str
+    type: type
+    default: typing.Any
+    flag: Flag
+    required: bool
+
+
+def settings(options: type) -> list[Setting]:
+    """Every setting of an options dataclass that has a flag, in --help order (for
+    QuantizeOptions, the solver's settings stand where its `quant` field does)."""
+    out = []
+    types = typing.get_type_hints(options)
+    for f in fields(options):
+        if types[f.name] is QuantConfig:
+            solver = {s.name: s for s in fields(QuantConfig)}
+            solver_types = typing.get_type_hints(QuantConfig)
+            out += [Setting(n, solver_types[n], solver[n].default, flag, False) for n, flag in SOLVER_FLAGS.items()]
+        elif "flag" in f.metadata:
+            required = f.default is MISSING and f.default_factory is MISSING
+            out.append(Setting(f.name, _base(types[f.name]), f.default, f.metadata["flag"], required))
+    return out
+
+
+def _base(t) -> type:
+    """int for `int | None`."""
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", text.upper())
+    if not m:
+        raise BadInput(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    number, unit = float(m.group(1)), (m.group(2) or "B")
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I") or ""]
+    size = int(number * base**power)
+    if size <= 0:
+        raise BadInput(f"--max-shard-size {text!r} must be positive")
+    return size

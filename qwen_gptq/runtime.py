@@ -1,0 +1,363 @@
+"""Where things run and live: devices, transfers, activations, and a layer's forwards.
+
+The pipeline says what to compute; this module says where. It resolves the device,
+moves decoder layers to it and back (`Mover`, overlapped with compute on CUDA), keeps
+each batch's layer inputs (`LayerInputs`, on the GPU when they fit), and intercepts the
+forwards of a layer's modules (`LayerForwards`: measured Linears hand their inputs to
+the pipeline, quantized modules' outputs are memoized). Streaming weights from disk and
+several GPUs plug in here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import typing
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import BadInput
+
+log = logging.getLogger("qwen_gptq")
+
+ACTIVATIONS_GPU_FRACTION = 0.7  # activations stay on the GPU if (with the layer's room) they fit this much of it
+LAYER_ROOM = 4  # room kept for the layer, its Hessians and the forward's temporaries, in layer sizes
+MEMO_HOST_FRACTION = 4  # on CPU, memoized outputs may use 1/this of the available host memory
+MEMO_FALLBACK_BYTES = 1 << 30  # when the available memory cannot be read
+CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device` (auto, cpu, cuda, cuda:N) as a torch.device; BadInput for anything else."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {name}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def compute_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The layer under work runs in float32 on CPU (bf16/fp16 matmuls are slow and less
+    exact on CPUs without bf16 matrix units) and in the model's dtype on CUDA."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the main stream (for honest phase timings), not for the mover's copies."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def peak_gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def to_device(obj: typing.Any, device: torch.device, dtype: torch.dtype | None = None) -> typing.Any:
+    """Move the tensors inside nested tuples/lists/dicts (floats to dtype); drop KV caches."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    if type(obj).__name__.endswith("Cache"):
+        return None
+    return obj
+
+
+# --------------------------------------------------------------------------- layer inputs
+
+
+@dataclass
+class LayerInputs:
+    """What a decoder layer receives for one calibration batch."""
+
+    hidden: torch.Tensor  # hidden states [B, T, H]: the only input that changes from layer to layer
+    args: tuple  # the rest, as the model passes it (rotary embeddings, masks, positions)
+    kwargs: dict
+    valid: torch.Tensor | None  # bool [B*T], the unpadded positions (None: nothing padded)
+
+    @classmethod
+    def from_call(cls, args: tuple, kwargs: dict, valid: torch.Tensor | None) -> LayerInputs:
+        """From the arguments a decoder layer was called with; caches are dropped."""
+        kwargs = dict(kwargs)
+        if args:
+            hidden, args = args[0], tuple(args[1:])
+        else:
+            hidden, args = kwargs.pop("hidden_states"), ()
+        for k in CACHE_ARGS:
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return cls(hidden, args, kwargs, valid)
+
+    def place(self, device: torch.device, store: torch.device, dtype: torch.dtype) -> None:
+        """Hidden states to `store`, everything else to the compute device, floats in dtype."""
+        self.hidden = self.hidden.to(store, dtype)
+        self.args = to_device(self.args, device, dtype)
+        self.kwargs = to_device(self.kwargs, device, dtype)
+        if self.valid is not None:
+            self.valid = self.valid.to(device)
+
+
+def run_layer(layer: nn.Module, x: LayerInputs, device: torch.device) -> torch.Tensor:
+    """The layer's output hidden states for one batch."""
+    out = layer(x.hidden.to(device), *x.args, **x.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def activation_device(inputs: list[LayerInputs], device: torch.device, layer: nn.Module,
+                      dtype: torch.dtype) -> torch.device:
+    """Keep activations on the GPU when they (twice: input and output) fit beside a layer."""
+    if device.type != "cuda":
+        return device
+    itemsize = torch.finfo(dtype).bits // 8
+    need = 2 * sum(x.hidden.numel() for x in inputs) * itemsize
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need + LAYER_ROOM * layer_bytes < ACTIVATIONS_GPU_FRACTION * free else torch.device("cpu")
+
+
+def memo_budget(device: torch.device) -> int:
+    """Memory for memoized outputs: on CPU, where the forwards dominate, a share of the
+    available host memory; on CUDA none (recomputing is cheap there, and GPU memory is
+    kept for activations and Hessians)."""
+    if device.type != "cpu":
+        return 0
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // MEMO_HOST_FRACTION
+    except (OSError, KeyError, ValueError):
+        return MEMO_FALLBACK_BYTES
+
+
+# --------------------------------------------------------------------------- moving layers
+
+
+class Mover:
+    """Moves decoder layers to the compute device and back, and results to the host.
+
+    On CUDA a worker thread does it on a stream of its own, so that layer i+1's weights
+    travel while layer i is quantized, and layer i's weights and packed tensors travel
+    back while i+1 is: the main thread waits only for what is not done yet. Weights go
+    back into the very host memory they came from (no fresh pageable allocation to
+    fault in). Elsewhere the moves are plain and immediate.
+    """
+
+    def __init__(self, device: torch.device, cdtype: torch.dtype, model_dtype: torch.dtype):
+        self.device, self.cdtype, self.model_dtype = device, cdtype, model_dtype
+        self.pending: dict[int, Future] = {}  # layers on their way to the device
+        self.back: list[Future] = []  # copies to the host
+        self.homes: dict[int, list] = {}
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="qwen-gptq-move")
+            self.stream = torch.cuda.Stream(device)
+
+    def to_device(self, layer: nn.Module) -> None:
+        """Start moving a layer's weights to the device (wait() before using it)."""
+        if not self.cuda:
+            layer.to(device=self.device, dtype=self.cdtype)
+            return
+
+        def job():
+            homes = []
+            with torch.cuda.stream(self.stream):
+                for m in layer.modules():
+                    for coll in (m._parameters, m._buffers):
+                        for k, v in coll.items():
+                            if v is None or v.is_cuda:  # (a tensor shared by two modules moves once)
+                                continue
+                            moved = v.data.to(self.device, self.cdtype if v.is_floating_point() else None,
+                                              non_blocking=True)
+                            homes.append((coll, k, v.data))
+                            _set(coll, k, moved)
+            self.stream.synchronize()
+            self.homes[id(layer)] = homes
+
+        self.pending[id(layer)] = self.pool.submit(job)
+
+    def wait(self, layer: nn.Module) -> None:
+        f = self.pending.pop(id(layer), None)
+        if f is not None:
+            f.result()
+
+    def _after_main(self, copy: Callable[[], None]) -> None:
+        """Run copy() on the worker, on the mover's stream, once the main stream has done
+        what it has queued so far (the work that produced the tensors copied)."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+
+        def job():
+            self.stream.wait_event(done)
+            with torch.cuda.stream(self.stream):
+                copy()
+
+        self.back.append(self.pool.submit(job))
+
+    def to_host(self, layer: nn.Module) -> None:
+        """Start moving a layer's (quantized) weights back into host memory."""
+        if not self.cuda:
+            layer.to(device="cpu", dtype=self.model_dtype)
+            return
+
+        def copy():
+            for coll, k, home in self.homes.pop(id(layer)):
+                home.copy_(coll[k].data)  # blocking on this stream: pageable memory, never pinned
+                _set(coll, k, home)
+
+        self._after_main(copy)
+
+    def fetch(self, tensors: dict[str, torch.Tensor], into: dict, key: str) -> None:
+        """into[key] = tensors, copied to the host (once the work producing them is done)."""
+        if not self.cuda:
+            into[key] = {k: v.to("cpu") for k, v in tensors.items()}
+            return
+
+        def copy():
+            into[key] = {k: v.to("cpu") for k, v in tensors.items()}
+
+        self._after_main(copy)
+
+    def wait_all(self) -> None:
+        for f in [*self.pending.values(), *self.back]:
+            f.result()
+        self.pending.clear()
+        self.back.clear()
+
+    def close(self) -> None:
+        if self.cuda:
+            self.pool.shutdown(wait=True)
+
+
+def _set(coll: dict, k: str, value: torch.Tensor) -> None:
+    if isinstance(coll[k], nn.Parameter):
+        coll[k].data = value
+    else:
+        coll[k] = value
+
+
+# --------------------------------------------------------------------------- a layer's forwards
+
+
+class StopForward(Exception):
+    """Raised inside a forward to end it early (the inputs wanted have been seen)."""
+
+
+InputHook = Callable[[str, torch.Tensor], None]
+
+
+class LayerForwards:
+    """The forwards of one decoder layer while its groups are quantized.
+
+    It wraps the forward of every quantized Linear and of every module containing one:
+    - A Linear being measured (see measuring()) hands its input to the pipeline and
+      skips its own product (the pass stops once the whole group has been seen, so
+      nothing downstream uses it; zeros stand in for it meanwhile).
+    - Once a module's Linears are all quantized, its weights and its input (everything
+      upstream is quantized too: groups come in dataflow order) no longer change, so
+      its output is memoized per batch within a memory budget, and a later pass reuses
+      it instead of recomputing it. An output the model modified in place (its version
+      counter moved) is recomputed, never reused.
+    Each Linear's product then runs once per layer instead of once per pass.
+    """
+
+    def __init__(self, layer: nn.Module, groups: list[list[str]], budget: int):
+        quantized = [n for g in groups for n in g]
+        units = dict.fromkeys(quantized)
+        for n in quantized:  # the modules containing a quantized Linear, within the layer
+            parts = n.split(".")
+            units.update(dict.fromkeys(".".join(parts[:k]) for k in range(1, len(parts))))
+        self._inside = {u: [n for n in quantized if n == u or n.startswith(u + ".")] for u in units}
+        self._final: set[str] = set()  # units whose Linears are all quantized
+        self._measured: dict[str, nn.Module] = {}
+        self._on_input: InputHook | None = None
+        self._batch = 0
+        self._storing = budget > 0
+        self._budget, self._used = budget, 0
+        self._store: dict = {}
+        self._modules = {u: layer.get_submodule(u) for u in units}
+        for u, m in self._modules.items():
+            m.forward = self._wrap(u, m, m.forward)
+
+    def batch(self, j: int) -> None:
+        """The forwards that follow are for calibration batch j."""
+        self._batch = j
+
+    @contextlib.contextmanager
+    def measuring(self, modules: dict[str, nn.Module], on_input: InputHook) -> Iterator[None]:
+        """While inside, the given Linears call on_input(name, input) instead of computing."""
+        self._measured, self._on_input = modules, on_input
+        try:
+            yield
+        finally:
+            self._measured, self._on_input = {}, None
+
+    def quantized(self, names: list[str]) -> None:
+        """These Linears now hold their final (quantized) weights."""
+        done = set(names) | {n for u in self._final for n in self._inside[u]}
+        self._final = {u for u, ns in self._inside.items() if all(n in done for n in ns)}
+
+    def last_pass(self) -> None:
+        """What follows is the layer's last pass: nothing more needs keeping."""
+        self._storing = False
+
+    def remove(self) -> None:
+        for m in self._modules.values():
+            del m.forward
+        self._store.clear()
+
+    def _wrap(self, name: str, module: nn.Module, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if name in self._measured:  # a Linear: forward(input)
+                x = args[0] if args else kwargs["input"]
+                self._on_input(name, x)
+                return x.new_zeros(*x.shape[:-1], module.out_features)
+            if name not in self._final:
+                return forward(*args, **kwargs)
+            key = (name, self._batch)
+            hit = self._store.get(key)
+            if hit is not None and all(t._version == v for t, v in zip(_tensors(hit[0]), hit[1])):
+                return hit[0]
+            y = forward(*args, **kwargs)
+            if self._storing and hit is None:
+                self._keep(name, key, y)
+            return y
+
+        return run
+
+    def _keep(self, name: str, key: tuple, y) -> None:
+        size = _nbytes(y)
+        if self._used + size > self._budget:
+            return
+        self._store[key] = (y, [t._version for t in _tensors(y)])
+        self._used += size
+        for inner in self._inside[name]:  # the parts' outputs are not needed any more
+            if inner != name and (inner, self._batch) in self._store:
+                self._used -= _nbytes(self._store.pop((inner, self._batch))[0])
+
+
+def _tensors(y) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, (tuple, list)):
+        return [t for t in y if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _nbytes(y) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(y))
