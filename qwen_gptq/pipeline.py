@@ -78,23 +78,36 @@ class _Run:
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibration) -> list[LayerInputs]:
-    """What the first decoder layer receives, for every calibration batch."""
-    def grab(module, args, kwargs):
-        raise StopForward((args, kwargs))
+    """For every calibration batch: the first decoder layer's hidden states, and what the
+    model passes each decoder layer besides them.
+
+    The model runs once per batch with every decoder layer replaced by a stand-in that
+    records its call and hands its input on unchanged, so no layer computes anything.
+    """
+    calls: list = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(runtime.split_call(args, kwargs))
+        if len(calls) == len(layers):
+            raise StopForward()
+        return calls[-1][0]
 
     captured = []
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    for layer in layers:
+        layer.forward = stand_in
     try:
         for b in calibration.batches:
+            calls.clear()
             try:
                 model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-            except StopForward as stop:
-                args, kwargs = stop.args[0]
-            else:
-                raise QuantizationFailed("the model's forward never reached its first decoder layer")
-            captured.append(LayerInputs.from_call(args, kwargs, b.valid))
+            except StopForward:
+                pass
+            if len(calls) != len(layers):
+                raise QuantizationFailed(f"the model's forward called {len(calls)} of its {len(layers)} decoder layers")
+            captured.append(LayerInputs(calls[0][0], [(a, k) for _, a, k in calls], b.valid))
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
     return captured
 
 
@@ -148,7 +161,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
-            hessians = _measure(run, layer, forwards, modules)
+            hessians = _measure(run, i, layer, forwards, modules)
             _solve(run, i, modules, hessians)
             forwards.quantized(names)
         forwards.last_pass()
@@ -157,7 +170,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             with torch.no_grad():
                 for j, x in enumerate(run.inputs):
                     forwards.batch(j)
-                    x.hidden = runtime.run_layer(layer, x, device).to(run.store)
+                    x.hidden = runtime.run_layer(layer, i, x, device).to(run.store)
             runtime.sync(device)
             t["forward"] += time.perf_counter() - t0
     finally:
@@ -211,7 +224,8 @@ class _GroupInputs:
             raise StopForward()
 
 
-def _measure(run: _Run, layer: nn.Module, forwards: LayerForwards, modules: dict[str, nn.Module]) -> _GroupInputs:
+def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
+             modules: dict[str, nn.Module]) -> _GroupInputs:
     """Run the layer over every batch until the group's Linears have seen their inputs."""
     t0 = time.perf_counter()
     group = _GroupInputs(modules)
@@ -220,7 +234,7 @@ def _measure(run: _Run, layer: nn.Module, forwards: LayerForwards, modules: dict
             forwards.batch(j)
             group.start_batch(x.valid)
             try:
-                runtime.run_layer(layer, x, run.plan.device)
+                runtime.run_layer(layer, i, x, run.plan.device)
             except StopForward:
                 pass
             group.end_batch()

@@ -62,16 +62,21 @@ def peak_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
-def to_device(obj: typing.Any, device: torch.device, dtype: torch.dtype | None = None) -> typing.Any:
-    """Move the tensors inside nested tuples/lists/dicts (floats to dtype); drop KV caches."""
+def to_device(obj: typing.Any, device: torch.device, dtype: torch.dtype | None = None,
+              moved: dict[int, torch.Tensor] | None = None) -> typing.Any:
+    """Move the tensors inside nested tuples/lists/dicts (floats to dtype); drop KV caches.
+    A tensor met before (by identity, in `moved`) is moved once and shared."""
     if isinstance(obj, torch.Tensor):
-        if dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device)
+        if moved is not None and id(obj) in moved:
+            return moved[id(obj)]
+        out = obj.to(device=device, dtype=dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+        if moved is not None:
+            moved[id(obj)] = out
+        return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device, dtype) for o in obj)
+        return type(obj)(to_device(o, device, dtype, moved) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype, moved) for k, v in obj.items()}
     if type(obj).__name__.endswith("Cache"):
         return None
     return obj
@@ -80,42 +85,48 @@ def to_device(obj: typing.Any, device: torch.device, dtype: torch.dtype | None =
 # --------------------------------------------------------------------------- layer inputs
 
 
+def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A decoder layer's call as (hidden states, the other args, kwargs); caches dropped."""
+    kwargs = dict(kwargs)
+    if args:
+        hidden, args = args[0], tuple(args[1:])
+    else:
+        hidden, args = kwargs.pop("hidden_states"), ()
+    for k in CACHE_ARGS:
+        if k in kwargs:
+            kwargs[k] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return hidden, args, kwargs
+
+
 @dataclass
 class LayerInputs:
-    """What a decoder layer receives for one calibration batch."""
+    """What the decoder layers receive for one calibration batch.
 
-    hidden: torch.Tensor  # hidden states [B, T, H]: the only input that changes from layer to layer
-    args: tuple  # the rest, as the model passes it (rotary embeddings, masks, positions)
-    kwargs: dict
+    The hidden states change from layer to layer; the rest (rotary embeddings, masks,
+    positions) is what the model passes each layer, captured once per layer: hybrid
+    models give full- and linear-attention layers different masks.
+    """
+
+    hidden: torch.Tensor  # the current layer's input hidden states [B, T, H]
+    calls: list[tuple[tuple, dict]]  # per decoder layer, its other args and kwargs
     valid: torch.Tensor | None  # bool [B*T], the unpadded positions (None: nothing padded)
 
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict, valid: torch.Tensor | None) -> LayerInputs:
-        """From the arguments a decoder layer was called with; caches are dropped."""
-        kwargs = dict(kwargs)
-        if args:
-            hidden, args = args[0], tuple(args[1:])
-        else:
-            hidden, args = kwargs.pop("hidden_states"), ()
-        for k in CACHE_ARGS:
-            if k in kwargs:
-                kwargs[k] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        return cls(hidden, args, kwargs, valid)
-
     def place(self, device: torch.device, store: torch.device, dtype: torch.dtype) -> None:
-        """Hidden states to `store`, everything else to the compute device, floats in dtype."""
+        """Hidden states to `store`, everything else to the compute device, floats in dtype
+        (a tensor shared by several layers' calls stays shared)."""
         self.hidden = self.hidden.to(store, dtype)
-        self.args = to_device(self.args, device, dtype)
-        self.kwargs = to_device(self.kwargs, device, dtype)
+        moved: dict[int, torch.Tensor] = {}
+        self.calls = [(to_device(a, device, dtype, moved), to_device(k, device, dtype, moved)) for a, k in self.calls]
         if self.valid is not None:
             self.valid = self.valid.to(device)
 
 
-def run_layer(layer: nn.Module, x: LayerInputs, device: torch.device) -> torch.Tensor:
-    """The layer's output hidden states for one batch."""
-    out = layer(x.hidden.to(device), *x.args, **x.kwargs)
+def run_layer(layer: nn.Module, i: int, x: LayerInputs, device: torch.device) -> torch.Tensor:
+    """Decoder layer i's output hidden states for one batch."""
+    args, kwargs = x.calls[i]
+    out = layer(x.hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
