@@ -64,6 +64,20 @@ def read_samples(path: str | Path) -> list[Sample]:
     return [_validate(i, item) for i, item in enumerate(items)]
 
 
+def _text_of(content: object, at: str, field: str) -> object:
+    """A turn's text: a string, or a list of parts (the multimodal message format) that are
+    all text. Image and video parts are refused: calibration is text-only for now (the
+    language model of a vision-language checkpoint is what gets quantized)."""
+    if not isinstance(content, list):
+        return content
+    kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+    other = [k for k in kinds if k != "text"]
+    if other:
+        raise BadInput(f"{at}: field {field!r} has {', '.join(map(str, dict.fromkeys(other)))} parts; calibration "
+                       "data must be text (the language model is quantized, the vision tower is kept as it is)")
+    return "".join(p.get("text", "") for p in content)
+
+
 def select(samples: list[Sample], num_samples: int | None, seed: int | None) -> list[Sample]:
     """Shuffle with `seed` (when given), then keep the first `num_samples` (when given)."""
     samples = list(samples)
@@ -127,7 +141,7 @@ def _validate(i: int, item) -> Sample:
         at = f"{where}, {field}[{j}]"
         if not isinstance(turn, dict):
             raise BadInput(f"{at}: expected an object, got {type(turn).__name__}")
-        role, text = turn.get(role_key), turn.get(text_key)
+        role, text = turn.get(role_key), _text_of(turn.get(text_key), at, text_key)
         if role not in ROLES:
             raise BadInput(f"{at}: field {role_key!r} is {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(text, str) or not text.strip():

@@ -22,11 +22,12 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import BadInput
@@ -42,7 +43,8 @@ COPY_PATTERNS = (
     "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "tokenizer.model",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "processor_config.json",
     "LICENSE", "LICENSE.*", "NOTICE",
 )
 
@@ -62,6 +64,7 @@ def read_json(path: Path) -> dict:
 
 def weight_index(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
     """The weight files of a checkpoint directory and, when sharded, its index's weight map."""
+    model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
     if index.is_file():
         try:
@@ -74,17 +77,63 @@ def weight_index(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
     raise BadInput(f"{model_dir}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save: packed Linears plus every other parameter in `dtype`.
+# Tensors each model has once, whose names show under which prefix a checkpoint keeps a
+# part of the model (the language model, the vision tower).
+RENAME_ANCHORS = ("embed_tokens.weight", "patch_embed.proj.weight")
+
+
+def prefix_renames(have: Iterable[str], want: Iterable[str]) -> list[tuple[str, str]]:
+    """(old prefix, new prefix) rules taking the names in `have` to those in `want`.
+
+    transformers 5 names a vision-language model's parts model.language_model.* and
+    model.visual.*, while older checkpoints (Qwen2.5-VL on the hub) say model.* and
+    visual.*; transformers renames on load. We write transformers 5's names (GPTQModel
+    reads quantized weights only under those) and read back either.
+    """
+    rules = []
+    for anchor in RENAME_ANCHORS:
+        a = [k[: -len(anchor)] for k in have if k.endswith(anchor)]
+        b = [k[: -len(anchor)] for k in want if k.endswith(anchor)]
+        if len(a) == 1 and len(b) == 1 and a[0] != b[0]:
+            rules.append((a[0], b[0]))
+    return rules
+
+
+def renamed(name: str, rules: list[tuple[str, str]]) -> str:
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def read_tensors(model_dir: Path, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (those whose names start with one of `prefixes`), as stored."""
+    out: dict[str, torch.Tensor] = {}
+    if not prefixes:
+        return out
+    model_dir = Path(model_dir)
+    for f in weight_index(model_dir)[0]:
+        with safe_open(str(model_dir / f), framework="pt") as sf:
+            for k in sf.keys():
+                if k.startswith(prefixes):
+                    out[k] = sf.get_tensor(k)
+    return out
+
+
+def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype,
+                     verbatim: dict[str, torch.Tensor], outside: tuple[str, ...], tied: bool) -> dict[str, torch.Tensor]:
+    """The tensors to save: packed Linears, every other parameter in `dtype`, and the
+    `verbatim` tensors as the source stores them. The model's own tensors under the
+    `outside` prefixes (vision tower, ...) are not written: those come verbatim.
 
     Tied weights (lm_head tied to the embeddings) are saved once, under the name
     the model's config expects to find.
     """
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, tensor in model.state_dict(keep_vars=False).items():
+        if outside and name.startswith(outside):
+            continue
         module, _, leaf = name.rpartition(".")
         if module in packed and leaf == "weight":
             continue
@@ -101,6 +150,7 @@ def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.T
     for module, tensors in packed.items():
         for k, v in tensors.items():
             out[f"{module}.{k}"] = v.contiguous()
+    out.update(verbatim)
     return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
 
 

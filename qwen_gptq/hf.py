@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from . import checkpoint, gptq_v1
@@ -32,16 +32,36 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase as Tokenizer
 
 
+def auto_class(config: object) -> type:
+    """transformers' Auto class that builds a checkpoint's architecture: vision-language
+    checkpoints (…ForConditionalGeneration: Qwen2.5-VL, Qwen3-VL, Qwen3.5) are
+    image-text-to-text models, whose language model sits at model.language_model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    archs = getattr(config, "architectures", None) or []
+    causal = type(config) in AutoModelForCausalLM._model_mapping or getattr(config, "auto_map", None)
+    if any(a.endswith("ForConditionalGeneration") for a in archs) or not causal:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def tied_embeddings(config: object) -> bool:
+    """Whether lm_head shares the input embedding (set on the text config of VL models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
                trust_remote_code: bool = False) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of an unquantized checkpoint as transformers builds it, in eval
     mode without KV cache (prepare() lays it out as its family describes)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     low_cpu_mem_usage=True)
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   low_cpu_mem_usage=True)
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot load the model from {model_dir}: {e}") from None
     model.eval()
@@ -139,22 +159,12 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors checkpoint (single file or sharded)."""
-    tensors = {}
-    for f in checkpoint.weight_index(model_dir)[0]:
-        with safe_open(str(model_dir / f), framework="pt") as sf:
-            for k in sf.keys():
-                tensors[k] = sf.get_tensor(k)
-    return tensors
-
-
 def empty_model(model_dir: str | Path, trust_remote_code: bool = False,
                 dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """The model a GPTQ directory describes, with weights on the meta device, laid out as
     its family expects (MoE experts split), and its quantization_config as a dict."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
@@ -165,7 +175,7 @@ def empty_model(model_dir: str | Path, trust_remote_code: bool = False,
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linears; we swap in our own QuantLinear
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        model = auto_class(config).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     return prepare(model, family_for(config.model_type)), q
 
 
@@ -178,7 +188,9 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype = torch.float32, de
     model, q = empty_model(model_dir, trust_remote_code, dtype)
     config = model.config
     bits, group_size = int(q["bits"]), int(q["group_size"])
-    tensors = read_tensors(model_dir)
+    tensors = checkpoint.read_tensors(model_dir)
+    rules = checkpoint.prefix_renames(tensors, model.state_dict())
+    tensors = {checkpoint.renamed(k, rules): v for k, v in tensors.items()}
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in tensors:
             parent, _, leaf = name.rpartition(".")
@@ -186,9 +198,11 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype = torch.float32, de
             setattr(model.get_submodule(parent) if parent else model, leaf, ql)
     state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied_embeddings(config):
         model.tie_weights()
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    outside = family_for(config.model_type).passthrough  # e.g. mtp.*: kept in the checkpoint, not in the model
+    unexpected = [k for k in unexpected if not k.startswith(outside)]
     missing = [k for k in missing if "rotary" not in k and not k.endswith("inv_freq")]
     if missing or unexpected:
         raise BadInput(f"{model_dir}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -204,25 +218,30 @@ def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, **
     """AutoModelForCausalLM.from_pretrained through transformers' GPTQ path (optimum +
     gptqmodel kernels), as a user would call it.
 
-    MoE models need two things transformers does not do by itself (transformers 5 fuses
-    experts into 3-D tensors no GPTQ kernel takes): one Linear per expert while the model
-    is built (per_expert_linears), and `modules_in_block_to_quantize`, so that the
-    router's shared-expert gate stays a plain Linear. Both are load-time settings: the
+    Two things transformers does not do by itself: for families that keep Linears in 16
+    bits (MoE routers' shared-expert gate, Qwen3.5's in_proj_a/b),
+    `modules_in_block_to_quantize`, so that those stay plain Linears; and for MoE models
+    (transformers 5 fuses experts into 3-D tensors no GPTQ kernel takes), one Linear per
+    expert while the model is built (per_expert_linears). Both are load-time settings: the
     checkpoint stays the standard GPTQ v1 layout every loader reads.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     kwargs = {"device_map": "cpu", "dtype": torch.float16, **kwargs}
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     family = family_for(config.model_type)
-    if not family.moe:
-        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    if not family.moe and not family.keep:
+        return auto_class(config).from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
     q = config.quantization_config
     q = q if isinstance(q, dict) else q.to_dict()
     config.quantization_config = {**q, "modules_in_block_to_quantize": quantized_module_suffixes(family)}
-    with per_expert_linears(config.model_type):
-        return AutoModelForCausalLM.from_pretrained(str(path), config=config, trust_remote_code=trust_remote_code,
-                                                    **kwargs)
+    with per_expert_linears(config.model_type) if family.moe else contextlib.nullcontext():
+        return auto_class(config).from_pretrained(str(path), config=config, trust_remote_code=trust_remote_code,
+                                                  **kwargs)
+
+
+class LoaderUnsupported(Exception):
+    """An ecosystem loader cannot load this family (not a fault of the checkpoint)."""
 
 
 def gptqmodel_load(path: Path, model_type: str, trust_remote_code: bool = False) -> nn.Module:
@@ -230,7 +249,13 @@ def gptqmodel_load(path: Path, model_type: str, trust_remote_code: bool = False)
     import gptqmodel
 
     with transformers_classes_restored(model_type):
-        return gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
+        try:
+            return gptqmodel.GPTQModel.load(str(path), device="cpu", trust_remote_code=trust_remote_code)
+        except ImportError as e:
+            if "torchvision" in str(e).lower():  # it loads a vision-language model's processor too
+                raise LoaderUnsupported(f"GPTQModel loads {model_type} models with their image/video processor, "
+                                        "which needs torchvision (not installed here)") from None
+            raise
 
 
 @contextlib.contextmanager
@@ -245,7 +270,9 @@ def per_expert_linears(model_type: str) -> Iterator[None]:
 
     with transformers_classes_restored(model_type):
         if not defuser.replace_fused_blocks(model_type):
-            raise RuntimeError(f"defuser cannot split the experts of {model_type} models")
+            version = importlib.metadata.version("defuser")
+            raise LoaderUnsupported(f"transformers' GPTQ path needs one Linear per expert, and defuser {version} "
+                                    f"cannot split the experts of {model_type} models")
         yield
 
 

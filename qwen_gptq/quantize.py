@@ -100,7 +100,12 @@ def run(o: QuantizeOptions) -> dict:
     outcome = quantize_model(model, family, calibration, plan)
 
     t0 = time.perf_counter()
-    state = checkpoint.build_state_dict(model, outcome.packed, o.save_dtype)
+    # Tensors outside the language model, as stored, under transformers' names for them.
+    verbatim = checkpoint.read_tensors(model_dir, family.passthrough)
+    rules = checkpoint.prefix_renames(verbatim, model.state_dict())
+    verbatim = {checkpoint.renamed(k, rules): v for k, v in verbatim.items()}
+    state = checkpoint.build_state_dict(model, outcome.packed, o.save_dtype, verbatim, family.passthrough,
+                                        hf.tied_embeddings(model.config))
     with checkpoint.staging_dir(out, o.overwrite) as tmp:
         files = checkpoint.save_weights(state, tmp, o.shard_bytes)
         files += checkpoint.copy_model_files(model_dir, tmp)

@@ -30,7 +30,7 @@ from . import checkpoint, gptq_v1, hf, runtime
 from .calib import chatml_prompt_ids, stop_token_ids
 from .errors import BadInput
 from .evaluate import compare, eval_windows
-from .families import decoder_layers, family_for, layer_groups
+from .families import decoder_layers, family_for, layer_groups, matches
 from .options import Flag, option
 
 if TYPE_CHECKING:
@@ -44,6 +44,16 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "qwen.tikt
 ECOSYSTEM_TOLERANCE = 0.02
 ECOSYSTEM_TOKENS = 128  # tokens the ecosystem loaders' logits are compared on
 MAX_PROBLEMS_SHOWN = 10  # in a check's one-line message
+# Linears vLLM loads as one fused module (its models' stacked_params_mapping): a checkpoint
+# must quantize all of a set or none, else vLLM refuses it. `*` is one name component.
+FUSED_IN_VLLM = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"),
+    ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"),
+    ("linear_attn.in_proj_b", "linear_attn.in_proj_a"),
+)
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,12 @@ def check_structure(s: State, c: Check) -> None:
     tensors = _read_weight_files(s, c)
     if tensors is None:
         return
-    n_quant = _check_quantized_linears(s, c, tensors)
     _check_values(s, c, tensors)
+    model, _ = hf.empty_model(s.path, s.opts.trust_remote_code)
+    rules = checkpoint.prefix_renames(tensors, model.state_dict())  # the checkpoint's names -> the model's
+    named = {checkpoint.renamed(k, rules): v for k, v in tensors.items()}
+    n_quant = _check_quantized_linears(s, c, model, named)
+    _check_fused_sets(s, c, named)
     _check_support_files(s, c)
     shards = len({shard for shard, _, _ in tensors.values()})
     c.figures = {"tensors": len(tensors), "shards": shards, "quantized_linears": n_quant, "bits": s.q["bits"],
@@ -192,11 +206,11 @@ def _read_weight_files(s: State, c: Check) -> dict[str, tuple[str, tuple, str]] 
     return tensors if tensors or c.status != "fail" else None
 
 
-def _check_quantized_linears(s: State, c: Check, tensors: dict) -> int:
+def _check_quantized_linears(s: State, c: Check, model: torch.nn.Module, tensors: dict) -> int:
     """Every Linear the family quantizes has the format's tensors, in the shapes the
-    config's dimensions imply; every other parameter is there. Returns how many."""
+    config's dimensions imply; every other parameter is there. Returns how many.
+    (Names as the model has them.)"""
     family = family_for(s.config.get("model_type"))
-    model, _ = hf.empty_model(s.path, s.opts.trust_remote_code)
     bits, gs = s.q["bits"], s.q["group_size"]
     expected, n_quant = set(), 0
     for i, layer in enumerate(decoder_layers(model, family)):
@@ -221,11 +235,38 @@ def _check_quantized_linears(s: State, c: Check, tensors: dict) -> int:
                     c.fail(f"{prefix}.weight is present: the Linear is stored unquantized")
                 expected.add(f"{prefix}.weight")
                 n_quant += 1
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = hf.tied_embeddings(model.config)
     for k in model.state_dict():
-        if k not in expected and not (tied and k.endswith("lm_head.weight")) and k not in tensors:
-            c.fail(f"{k} is missing")
+        if k in expected or k in tensors or (tied and k.endswith("lm_head.weight")) or k.startswith(family.passthrough):
+            continue  # (tensors outside the language model are copied as the source names them)
+        c.fail(f"{k} is missing")
     return n_quant
+
+
+def _check_fused_sets(s: State, c: Check, tensors: dict) -> None:
+    """Parts of a module vLLM fuses are all quantized or all not (FUSED_IN_VLLM)."""
+    family = family_for(s.config.get("model_type"))
+    prefix = family.layers + "."
+    linears: dict[str, set[str]] = {}  # layer index -> Linear names stored (quantized or not)
+    for k in tensors:
+        if k.startswith(prefix) and k.endswith((".qweight", ".weight")):
+            index, _, name = k[len(prefix):].partition(".")
+            linears.setdefault(index, set()).add(name)
+    for index, names in sorted(linears.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+        for fused in FUSED_IN_VLLM:
+            sets: dict[str, dict[str, bool]] = {}  # the '*' part -> member -> quantized
+            for name in names:
+                module, leaf = name.rsplit(".", 1)
+                for pattern in fused:
+                    if matches(module, pattern):
+                        star = ".".join(a for a, b in zip(module.split("."), pattern.split(".")) if b == "*")
+                        sets.setdefault(star, {})[module] = sets.get(star, {}).get(module, False) or leaf == "qweight"
+            for members in sets.values():
+                if len(set(members.values())) > 1:
+                    q = sorted(m for m, v in members.items() if v)
+                    u = sorted(m for m, v in members.items() if not v)
+                    c.fail(f"{prefix}{index}: {', '.join(q)} quantized but {', '.join(u)} not; vLLM loads them as one "
+                           "module and refuses a checkpoint that quantizes only part of it")
 
 
 def _check_values(s: State, c: Check, tensors: dict) -> None:
@@ -336,6 +377,8 @@ def check_ecosystem(s: State, c: Check) -> None:
         else:
             model = hf.transformers_from_pretrained(s.path, s.opts.trust_remote_code)
         model.eval()
+    except hf.LoaderUnsupported as e:
+        return c.skip(f"{c.name} cannot load this family here: {e}")
     except Exception as e:  # noqa: BLE001 - report any loader failure as a failed check
         return c.fail(f"{c.name} could not load the directory: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     w = _comparison_tokens(s)

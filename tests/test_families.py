@@ -170,5 +170,7 @@ def test_models_lists_every_family():
     r = cli("models", "--json")
     assert r.returncode == 0
     listed = {f["family"] for f in json.loads(r.stdout)}
-    assert listed == {f.name for f in FAMILIES} == {"qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
+    assert listed == {f.name for f in FAMILIES} == {"qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_next",
+                                                    "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+                                                    "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
     assert family_for("qwen2").layers == "model.layers"

@@ -8,8 +8,9 @@ import torch
 from safetensors import safe_open
 
 from qwen_gptq import checkpoint
+from qwen_gptq.checkpoint import read_tensors
 from qwen_gptq.evaluate import eval_windows, perplexity
-from qwen_gptq.hf import load_model, load_quantized, read_tensors
+from qwen_gptq.hf import load_model, load_quantized
 from qwen_gptq.options import QuantizeOptions
 from qwen_gptq.quantize import run
 
