@@ -176,6 +176,7 @@ def main():
         "peak_host_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
     }
     if a.compare == "gptqmodel":
+        print(json.dumps(result), flush=True)  # ours first: the baseline may run out of time
         try:
             result["gptqmodel"] = g = run_gptqmodel(model_src, samples, a)
             result["speedup_per_layer"] = round(g["seconds_per_layer"] / per_layer, 2)
