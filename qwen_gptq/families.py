@@ -210,6 +210,10 @@ def layer_groups(layer: nn.Module, family: Family) -> list[list[str]]:
     Every Linear of the layer must be either quantized or explicitly kept: a Linear
     the family does not know about is a bug in the family, not something to skip.
     """
+    fused = [n for n, p in layer.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
+    if fused:
+        raise BadInput(f"family {family.name}: decoder layer has fused expert tensors ({', '.join(fused[:2])}) that "
+                       "were not split into per-expert Linears; they would stay unquantized")
     linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     groups, used = [], set()
     for patterns in family.sequential:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_gptq import checkpoint, gptq_v1  # noqa: E402
+from qwen_gptq import checkpoint, gptq_v1, hf  # noqa: E402
 from qwen_gptq.calib import Calibration, make_batches  # noqa: E402
 from qwen_gptq.families import family_for  # noqa: E402
 from qwen_gptq.gptq import QuantConfig  # noqa: E402
@@ -70,6 +70,7 @@ def build(shape: str, layers: int | None, dtype, device):
     torch.manual_seed(0)
     with device:  # random init is fast on a GPU; the model then lives on CPU, as in `quantize`
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf.prepare(model, family_for(mt))  # MoE experts as Linears, as `quantize` lays them out
     return model.to("cpu").eval(), n_layers
 
 
