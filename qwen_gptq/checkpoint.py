@@ -175,7 +175,9 @@ def shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torc
 def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> list[str]:
     """Write model.safetensors, or shards plus an index. Returns the file names."""
     shards = shard(state, max_bytes)
-    meta = {"format": "pt", "quantized_by": "qwen-gptq"}
+    # One key only: safetensors writes the metadata map in an arbitrary order, and two runs
+    # of the same command must give the same bytes (resume is checked that way).
+    meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / WEIGHTS_NAME), metadata=meta)
         return [WEIGHTS_NAME]
@@ -237,6 +239,9 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     On an exception the staging directory is removed and `out` is untouched.
     """
     out = out.resolve()
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a run that was killed
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -256,6 +261,16 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def finalize_permissions(directory: Path) -> None:

@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: a package is missing: %s", e)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        log.error("interrupted; nothing was written")
+        log.error("interrupted; no output was written%s", " (the finished layers are kept: the same command "
+                  "continues from them, --no-resume starts over)" if args.command == "quantize" else "")
         return EXIT_INTERRUPTED
     except MemoryError:
         log.error("error: out of memory; use --device cuda, fewer --num-samples or a smaller --max_len")

@@ -9,6 +9,7 @@ constraints (gptq_v1.MIN_ZERO) go into the solver's settings.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -69,7 +70,9 @@ class QuantizeOptions:
     batch_size: int = option("calibration samples per forward pass", 1, metavar="N")
     seed: int | None = option("shuffle the samples with this seed before --num-samples", None, metavar="S")
     trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
-    overwrite: bool = option("replace a non-empty --out_path", False)
+    overwrite: bool = option("replace a non-empty --out_path (and start over instead of resuming)", False)
+    resume: bool = option("continue an interrupted run of the same command from its finished layers "
+                          "(--no-resume: start over)", True, negative="--no-resume")
     max_shard_size: str = option("split weights into shards of at most SIZE", "5GB", metavar="SIZE")
     dtype: str = option("dtype of unquantized tensors", "float16", choices=DTYPES)
     reference_config: str | None = option("config.json of an official quantized model", None, metavar="FILE")
@@ -114,6 +117,11 @@ class QuantizeOptions:
     def quantization_config(self) -> dict:
         """The block written to quantize_config.json and config.json."""
         return gptq_v1.quantization_config(self.quant, self.true_sequential, self.model_name_or_path)
+
+    def fingerprint_settings(self, device: str) -> dict:
+        """Every setting that decides the quantized layers (for resume.fingerprint)."""
+        skip = ("out_path", "overwrite", "progress", "resume", "device", "model_name_or_path", "data_path")
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, "device": device}
 
     def report(self) -> dict:
         """The settings as `--json` reports them."""

@@ -15,6 +15,7 @@ activations live, and how a pass avoids recomputing what it already has, is runt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -29,6 +30,7 @@ from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
 from .gptq import CholeskyFailed, Hessian, QuantConfig, gptq, rtn
+from .resume import WorkDir
 from .runtime import LayerForwards, LayerInputs, Mover, StopForward
 
 log = logging.getLogger("qwen_gptq")
@@ -62,6 +64,7 @@ class Plan:
     true_sequential: bool = True
     progress: bool = True
     memo_bytes: int | None = None  # memory for memoized outputs (None: runtime.memo_budget)
+    work: WorkDir | None = None  # finished layers are saved here, and taken from here on a rerun
 
 
 @dataclass
@@ -130,11 +133,18 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
 
     memo = runtime.memo_budget(plan.device) if plan.memo_bytes is None else plan.memo_bytes
     run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype), outcome)
+    done = plan.work.finished() if plan.work is not None else 0
+    if 0 < done < len(layers):
+        log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
+                 plan.work.path)
+    elif done:
+        log.info("resuming: all %d layers are finished (in %s); writing the output", done, plan.work.path)
     bar = tqdm(range(len(layers)), desc="layers", disable=not plan.progress, dynamic_ncols=True)
     try:
         run.mover.to_device(layers[0])
         for i in bar:
-            _quantize_layer(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
+            step = _replay_layer if i < done else _quantize_layer
+            step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
             losses = [s.loss for s in outcome.stats if s.layer == i]
             bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.4g}")
         t0 = time.perf_counter()
@@ -147,13 +157,64 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     return outcome
 
 
-def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | None) -> None:
-    t, device = run.outcome.timings, run.plan.device
-    start = t0 = time.perf_counter()
+def _arrive(run: _Run, layer: nn.Module, next_layer: nn.Module | None) -> float:
+    """Wait for the layer's weights on the device; send the next layer on its way."""
+    start = time.perf_counter()
     run.mover.wait(layer)
     if next_layer is not None:
         run.mover.to_device(next_layer)  # travels while this layer is quantized
-    t["move"] += time.perf_counter() - t0
+    run.outcome.timings["move"] += time.perf_counter() - start
+    return start
+
+
+def _leave(run: _Run, layer: nn.Module, start: float) -> None:
+    t0 = time.perf_counter()
+    run.mover.to_host(layer)
+    run.outcome.timings["move"] += time.perf_counter() - t0
+    run.outcome.layer_seconds.append(time.perf_counter() - start)
+
+
+def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None) -> None:
+    """The next layer's inputs: this layer's outputs for every batch."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for j, x in enumerate(run.inputs):
+            if forwards is not None:
+                forwards.batch(j)
+            x.hidden = runtime.run_layer(layer, i, x, run.plan.device).to(run.store)
+    runtime.sync(run.plan.device)
+    run.outcome.timings["forward"] += time.perf_counter() - t0
+
+
+def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | None) -> None:
+    """A layer an interrupted run finished: its weights from the saved packed tensors
+    (they dequantize to exactly what the solver wrote back), then its outputs."""
+    start = _arrive(run, layer, next_layer)
+    packed, stats = run.plan.work.load(i)
+    prefix = f"{run.family.layers}.{i}."
+    for full, tensors in packed.items():
+        w = layer.get_submodule(full[len(prefix):]).weight
+        w.data.copy_(gptq_v1.dequantize_linear(**tensors, bits=run.plan.cfg.bits).to(w.device, w.dtype))
+    run.outcome.packed.update(packed)
+    run.outcome.stats += [ModuleStat(**s) for s in stats]
+    if next_layer is not None:
+        _forward_all(run, i, layer, None)
+    _leave(run, layer, start)
+
+
+def _save_layer(run: _Run, i: int) -> None:
+    """Once its packed tensors are on the host, write layer i into the work directory."""
+    prefix = f"{run.family.layers}.{i}."
+    stats = [dataclasses.asdict(s) for s in run.outcome.stats if s.layer == i]
+
+    def job() -> None:
+        run.plan.work.save(i, {k: v for k, v in run.outcome.packed.items() if k.startswith(prefix)}, stats)
+
+    run.mover.then(job)
+
+
+def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | None) -> None:
+    start = _arrive(run, layer, next_layer)
     groups = layer_groups(layer, run.family)
     if not run.plan.true_sequential:
         groups = [[n for g in groups for n in g]]
@@ -166,19 +227,12 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             forwards.quantized(names)
         forwards.last_pass()
         if next_layer is not None:  # the last layer's outputs feed nothing
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for j, x in enumerate(run.inputs):
-                    forwards.batch(j)
-                    x.hidden = runtime.run_layer(layer, i, x, device).to(run.store)
-            runtime.sync(device)
-            t["forward"] += time.perf_counter() - t0
+            _forward_all(run, i, layer, forwards)
     finally:
         forwards.remove()
-    t0 = time.perf_counter()
-    run.mover.to_host(layer)
-    t["move"] += time.perf_counter() - t0
-    run.outcome.layer_seconds.append(time.perf_counter() - start)
+    if run.plan.work is not None:
+        _save_layer(run, i)
+    _leave(run, layer, start)
 
 
 class _GroupInputs:

@@ -7,16 +7,19 @@ output directory is written atomically.
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import calib, checkpoint, gptq_v1, hf, runtime
-from .errors import BadInput
+from . import calib, checkpoint, gptq_v1, hf, resume, runtime
+from .errors import BadInput, QuantizationFailed
 from .families import Family, decoder_layers, family_for, layer_groups
 from .gptq import QuantConfig
 from .options import QuantizeOptions
@@ -81,14 +84,48 @@ def run(o: QuantizeOptions) -> dict:
         src_config = {**src_config, **{k: v for k, v in reference.items() if k != "quantization_config"}}
         qconfig = {**reference["quantization_config"], **qconfig}
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
+    checked = _Checked(model_dir, family, src_config, qconfig, device, samples)
+    print_ = resume.fingerprint(model_dir, o.data_path, o.fingerprint_settings(str(device)))
+    work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite)
+    try:
+        result = _quantize_and_write(o, checked, work)
+    except BaseException as e:
+        if work.finished() == 0:
+            work.remove()  # nothing worth keeping
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = Path(e.filename or out.parent)
+            free = shutil.disk_usage(where if where.exists() else out.parent).free
+            raise QuantizationFailed(
+                f"{where}: no space left on the device ({getattr(e, 'needed', 'more')} bytes to write, {free} free); "
+                f"free some space and run the same command again: the {work.finished()} finished layer(s) are kept "
+                f"in {work.path}") from None
+        raise
+    work.remove()  # the output is whole: nothing to resume
+    return {**result, "wall_seconds": time.perf_counter() - started}
 
+
+@dataclass
+class _Checked:
+    """What run() checked before loading anything."""
+
+    model_dir: Path
+    family: Family
+    src_config: dict
+    qconfig: dict
+    device: torch.device
+    samples: list[calib.Sample]
+
+
+def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -> dict:
+    model_dir, family, device = c.model_dir, c.family, c.device
+    out = Path(o.out_path)
     t0 = time.perf_counter()
     model, tokenizer = hf.load_model(model_dir, "auto", o.trust_remote_code)
     hf.prepare(model, family)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
     check_packable(layers, family, o.quant)
-    calibration = calib.calibration(samples, tokenizer, o.max_len, o.batch_size)
+    calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_size)
     log.info(
         "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens",
         o.model_name_or_path, family.name, len(layers), o.quant.bits, o.quant.group_size, device,
@@ -96,7 +133,7 @@ def run(o: QuantizeOptions) -> dict:
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    plan = Plan(o.quant, device, o.true_sequential, o.progress)
+    plan = Plan(o.quant, device, o.true_sequential, o.progress, work=work)
     outcome = quantize_model(model, family, calibration, plan)
 
     t0 = time.perf_counter()
@@ -106,13 +143,17 @@ def run(o: QuantizeOptions) -> dict:
     verbatim = {checkpoint.renamed(k, rules): v for k, v in verbatim.items()}
     state = checkpoint.build_state_dict(model, outcome.packed, o.save_dtype, verbatim, family.passthrough,
                                         hf.tied_embeddings(model.config))
-    with checkpoint.staging_dir(out, o.overwrite) as tmp:
-        files = checkpoint.save_weights(state, tmp, o.shard_bytes)
-        files += checkpoint.copy_model_files(model_dir, tmp)
-        checkpoint.write_config(src_config, qconfig, o.save_dtype, tmp)
-        checkpoint.write_quant_log(outcome.stats, tmp)
-        files += ["config.json", "quantize_config.json", "quant_log.csv"]
-        checkpoint.finalize_permissions(tmp)
+    try:
+        with checkpoint.staging_dir(out, o.overwrite) as tmp:
+            files = checkpoint.save_weights(state, tmp, o.shard_bytes)
+            files += checkpoint.copy_model_files(model_dir, tmp)
+            checkpoint.write_config(c.src_config, c.qconfig, o.save_dtype, tmp)
+            checkpoint.write_quant_log(outcome.stats, tmp)
+            files += ["config.json", "quantize_config.json", "quant_log.csv"]
+            checkpoint.finalize_permissions(tmp)
+    except OSError as e:
+        e.needed = sum(t.numel() * t.element_size() for t in state.values())  # for the message
+        raise
     save_seconds = time.perf_counter() - t0
 
     timings = {"load": load_seconds, **outcome.timings, "save": save_seconds}
@@ -130,7 +171,6 @@ def run(o: QuantizeOptions) -> dict:
         "layers": [{"layer": k, "mean_loss": sum(v) / len(v)} for k, v in sorted(per_layer.items())],
         "rtn_fallbacks": [f"{s.layer}.{s.module}" for s in outcome.stats if s.method == "rtn"],
         "files": sorted(files),
-        "wall_seconds": time.perf_counter() - started,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "peak_gpu_bytes": runtime.peak_gpu_bytes(device),
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

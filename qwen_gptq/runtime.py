@@ -244,6 +244,13 @@ class Mover:
 
         self._after_main(copy)
 
+    def then(self, job: Callable[[], None]) -> None:
+        """Run job() once every copy started so far is done (on the worker, in order)."""
+        if not self.cuda:
+            job()
+            return
+        self.back.append(self.pool.submit(job))
+
     def wait_all(self) -> None:
         for f in [*self.pending.values(), *self.back]:
             f.result()

@@ -201,7 +201,8 @@ def test_help_has_example_and_exit_codes():
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     """A crash at the very end (while saving) leaves neither a partial output nor a hidden staging dir,
-    and an existing output being --overwrite'n stays intact."""
+    and an existing output being --overwrite'n stays intact (the finished layers stay in the hidden
+    work directory, for the next run to resume from)."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("previous run")
@@ -213,8 +214,30 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         run(QuantizeOptions.build(model_name_or_path=TINY, data_path=CALIB, out_path=str(out), num_samples=2,
                                   max_len=32, overwrite=True, progress=False))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".o.work")) == ["o"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_full_disk_is_exit_1_naming_the_bytes_and_resumes(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "o"
+    args = ("quantize", "--model_name_or_path", TINY, "--data_path", CALIB, "--out_path", out, "--num-samples", "2",
+            "--max_len", "32", "-q")
+    save = checkpoint.save_weights
+
+    def full(state, directory, max_bytes):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "save_weights", full)
+    r = cli(*args)
+    assert r.returncode == 1 and "no space left on the device" in r.stderr and "bytes to write" in r.stderr
+    assert "6 finished layer(s) are kept" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    monkeypatch.setattr(checkpoint, "save_weights", save)
+    r = cli(*args[:-1])
+    assert r.returncode == 0 and "resuming: all 6 layers are finished" in r.stderr, r.stderr
+    assert (out / "model.safetensors").is_file()
 
 
 def test_overwrite_replaces_and_reference_config(tmp_path):

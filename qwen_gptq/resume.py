@@ -1,0 +1,116 @@
+"""Resume: the finished layers of a run, kept beside the output until the output is whole.
+
+A run writes each decoder layer's packed tensors (and its quant_log rows) into a hidden
+work directory `.OUT.work` next to OUT as soon as the layer is done, with a fingerprint
+of everything that decides them: the model's files, the calibration data, every setting,
+the tool's version. Run the same command again after an interruption (Ctrl-C, SIGKILL,
+out of memory, a crash) and it continues at the first unfinished layer: the finished
+layers' weights are set from their packed tensors (which dequantize to exactly the
+weights the solver wrote back) and run forward to recompute the next layer's inputs, so
+the result is the same, bit for bit, as an uninterrupted run's. A work directory whose
+fingerprint differs is refused (exit 2) rather than mixed in. The work directory is
+removed once the output is in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__, checkpoint
+from .errors import BadInput
+
+log = logging.getLogger("qwen_gptq")
+
+FINGERPRINT = "fingerprint.json"
+HASH_CHUNK = 1 << 20
+
+
+def work_path(out: Path) -> Path:
+    out = out.resolve()
+    return out.parent / f".{out.name}.work"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(model_dir: Path, data_path: str, settings: dict) -> dict:
+    """What decides a run's layers: the model (config and index hashed, weight files by
+    name and size), the calibration file (hashed), the settings, the tool's version."""
+    files, _ = checkpoint.weight_index(model_dir)
+    model = {"config.json": _sha256(model_dir / "config.json"),
+             "weights": {f: (model_dir / f).stat().st_size for f in files}}
+    if (model_dir / checkpoint.INDEX_NAME).is_file():
+        model[checkpoint.INDEX_NAME] = _sha256(model_dir / checkpoint.INDEX_NAME)
+    return {"tool": __version__, "model": model, "data": _sha256(Path(data_path)), "settings": settings}
+
+
+@dataclasses.dataclass
+class WorkDir:
+    """The finished layers of one run (see the module's docstring)."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, out: Path, print_: dict, resume: bool) -> WorkDir:
+        """The work directory for `out`: an existing one with the same fingerprint is
+        continued (resume), a different one refused; without `resume` it starts over."""
+        path = work_path(out)
+        if path.exists() and not resume:
+            shutil.rmtree(path)
+        elif path.exists():
+            try:
+                old = json.loads((path / FINGERPRINT).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != print_:
+                changed = [k for k in print_ if not isinstance(old, dict) or old.get(k) != print_[k]] or ["all"]
+                raise BadInput(f"{path} holds the finished layers of an interrupted run with a different "
+                               f"{', '.join(changed)}; start over with --no-resume (or --overwrite), or run the "
+                               "command that started it")
+        path.mkdir(exist_ok=True)
+        (path / FINGERPRINT).write_text(json.dumps(print_, indent=2, sort_keys=True) + "\n")
+        return cls(path)
+
+    def _file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def finished(self) -> int:
+        """How many layers, from the first on, are done."""
+        k = 0
+        while self._file(k).is_file():
+            k += 1
+        return k
+
+    def save(self, i: int, packed: dict[str, dict[str, torch.Tensor]], stats: list[dict]) -> None:
+        """Layer i's packed tensors (by module) and its log rows, written atomically."""
+        tensors = {f"{module}::{leaf}": t.contiguous() for module, ts in packed.items() for leaf, t in ts.items()}
+        tmp = self._file(i).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"stats": json.dumps(stats)})
+        os.replace(tmp, self._file(i))
+
+    def load(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
+        packed: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(self._file(i)), framework="pt") as f:
+            for k in f.keys():
+                module, leaf = k.split("::")
+                packed.setdefault(module, {})[leaf] = f.get_tensor(k)
+            stats = json.loads(f.metadata()["stats"])
+        return packed, stats
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
