@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -132,6 +132,43 @@ def unfuse_experts(model: nn.Module) -> int:
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
             count += 1
     return count
+
+
+# --------------------------------------------------------------------------- padding for tensor parallelism
+
+
+def pad_mlps(layers: nn.ModuleList, size_for: Callable[[int], int]) -> dict[str, int]:
+    """Zero-pad the intermediate dimension of every gate/up/down MLP in the decoder layers
+    (dense MLPs, each expert, the shared expert) to size_for(its size): zero output rows in
+    gate/up, zero input columns in down, so the model computes exactly the same function.
+    Returns the config keys to change (intermediate_size, moe_intermediate_size,
+    shared_expert_intermediate_size) and their new values."""
+    changed: dict[str, int] = {}
+    for layer in layers:
+        for name, m in layer.named_modules():
+            if not all(isinstance(getattr(m, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
+                continue
+            size = m.gate_proj.out_features
+            new = size_for(size)
+            if new == size:
+                continue
+            for proj in (m.gate_proj, m.up_proj):
+                _pad(proj, rows=new - size)
+            _pad(m.down_proj, columns=new - size)
+            key = ("moe_intermediate_size" if ".experts." in f".{name}." else
+                   "shared_expert_intermediate_size" if "shared_expert" in name else "intermediate_size")
+            changed[key] = new
+    return changed
+
+
+def _pad(linear: nn.Linear, rows: int = 0, columns: int = 0) -> None:
+    w = linear.weight.data
+    padded = w.new_zeros(w.shape[0] + rows, w.shape[1] + columns)
+    padded[: w.shape[0], : w.shape[1]] = w
+    linear.weight = nn.Parameter(padded, requires_grad=False)
+    if linear.bias is not None and rows:
+        linear.bias = nn.Parameter(torch.cat([linear.bias.data, linear.bias.data.new_zeros(rows)]), requires_grad=False)
+    linear.out_features, linear.in_features = padded.shape
 
 
 # --------------------------------------------------------------------------- our reference loader

@@ -76,6 +76,8 @@ class QuantizeOptions:
     max_shard_size: str = option("split weights into shards of at most SIZE", "5GB", metavar="SIZE")
     dtype: str = option("dtype of unquantized tensors", "float16", choices=DTYPES)
     reference_config: str | None = option("config.json of an official quantized model", None, metavar="FILE")
+    pad_for_tp: int | None = option("zero-pad the MLPs' intermediate size so that vLLM splits it over N GPUs (and "
+                                    "N's divisors); the padded model computes the same function", None, metavar="N")
     progress: bool = True  # progress bars and per-layer lines (-q turns them off)
 
     @classmethod
@@ -102,6 +104,8 @@ class QuantizeOptions:
             raise BadInput(f"--num-samples {self.num_samples} must be at least 1")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.pad_for_tp is not None and self.pad_for_tp < 1:
+            raise BadInput(f"--pad-for-tp {self.pad_for_tp} must be at least 1")
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
         parse_size(self.max_shard_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -93,7 +94,9 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibra
         calls.append(runtime.split_call(args, kwargs))
         if len(calls) == len(layers):
             raise StopForward()
-        return calls[-1][0]
+        # Models index a layer's output ([0], Qwen1) or pass it on as it is (transformers 5):
+        # a 1-tuple serves both; what the next stand-in receives as hidden states is not used.
+        return (calls[-1][0],)
 
     captured = []
     for layer in layers:
@@ -139,14 +142,20 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
                  plan.work.path)
     elif done:
         log.info("resuming: all %d layers are finished (in %s); writing the output", done, plan.work.path)
-    bar = tqdm(range(len(layers)), desc="layers", disable=not plan.progress, dynamic_ncols=True)
+    # A bar on a terminal; one plain line per layer in logs (carriage returns flood them).
+    terminal = plan.progress and sys.stderr.isatty()
+    bar = tqdm(range(len(layers)), desc="layers", disable=not terminal, dynamic_ncols=True)
     try:
         run.mover.to_device(layers[0])
         for i in bar:
             step = _replay_layer if i < done else _quantize_layer
             step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
             losses = [s.loss for s in outcome.stats if s.layer == i]
-            bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.4g}")
+            mean = sum(losses) / max(1, len(losses))
+            bar.set_postfix(loss=f"{mean:.4g}")
+            if plan.progress and not terminal:
+                log.info("layer %d/%d done in %.1f s, mean loss %.4g%s", i + 1, len(layers), outcome.layer_seconds[-1],
+                         mean, " (finished earlier)" if i < done else "")
         t0 = time.perf_counter()
         run.mover.wait_all()
         t["move"] += time.perf_counter() - t0

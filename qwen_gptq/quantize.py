@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import calib, checkpoint, gptq_v1, hf, resume, runtime
+from . import calib, checkpoint, gptq_v1, hf, resume, runtime, serving
 from .errors import BadInput, QuantizationFailed
 from .families import Family, decoder_layers, family_for, layer_groups
 from .gptq import QuantConfig
@@ -61,6 +61,23 @@ def check_packable(layers: nn.ModuleList, family: Family, cfg: QuantConfig) -> N
                 problem = gptq_v1.packing_problem(n, m.in_features, m.out_features, cfg)
                 if problem:
                     raise BadInput(problem)
+
+
+def warn_if_not_servable(layers: nn.ModuleList, family: Family, o: QuantizeOptions, config: dict) -> None:
+    """Say before the work starts when vLLM will not load the output, or not split it."""
+    q = o.quant
+    problem = serving.kernel_problem(q.bits, q.sym, q.group_size)
+    if problem:
+        log.warning("vLLM will not load the output: %s (transformers and GPTQModel will)", problem)
+        return
+    linears = [serving.Linear(f"{family.layers}.{i}.{n}", m.in_features, m.out_features)
+               for i, layer in enumerate(layers) for names in layer_groups(layer, family)
+               for n in names for m in [layer.get_submodule(n)]]
+    kv = config.get("text_config", config).get("num_key_value_heads")
+    report = serving.vllm_report({"bits": q.bits, "sym": q.sym, "group_size": q.group_size}, linears, kv)
+    if 2 not in report.tp_sizes:
+        log.warning("vLLM will load the output at tensor-parallel sizes %s only (%s); --pad-for-tp 2 (or 4, 8) pads "
+                    "the MLPs so that they split", report.tp_sizes, report.notes[0] if report.notes else "")
 
 
 def run(o: QuantizeOptions) -> dict:
@@ -124,7 +141,14 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     hf.prepare(model, family)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
+    if o.pad_for_tp:
+        changed = hf.pad_mlps(layers, lambda n: serving.padded_size(n, o.pad_for_tp, o.quant.group_size))
+        target = c.src_config.get("text_config", c.src_config)
+        target.update(changed)
+        log.info("padded for tensor parallelism %d: %s", o.pad_for_tp,
+                 ", ".join(f"{k} {v}" for k, v in changed.items()) or "nothing needed padding")
     check_packable(layers, family, o.quant)
+    warn_if_not_servable(layers, family, o, c.src_config)
     calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_size)
     log.info(
         "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens",

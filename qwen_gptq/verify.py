@@ -12,6 +12,7 @@ field: the command line makes its flag from the field).
     closeness     with --original: perplexity of both, increase, top-1 agreement, KL
     transformers  with --loader transformers: transformers' own GPTQ path (optimum + gptqmodel)
     gptqmodel     with --loader gptqmodel: GPTQModel.load; both compare logits with ours
+    serving       without loading: does vLLM load it, at which tensor-parallel sizes (serving.py)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from . import checkpoint, gptq_v1, hf, runtime
+from . import checkpoint, gptq_v1, hf, runtime, serving
 from .calib import chatml_prompt_ids, stop_token_ids
 from .errors import BadInput
 from .evaluate import compare, eval_windows
@@ -70,6 +71,9 @@ class VerifyOptions:
     loader: str = option("also load through transformers' GPTQ path (transformers) or GPTQModel.load (gptqmodel) "
                          "and compare logits with ours", "ours", choices=LOADERS)
     device: str = option("cpu, cuda or cuda:N (auto: CUDA when available)", "cpu")
+    serve: str | None = option("fail (exit 1) unless this server loads the checkpoint (default: report only)", None,
+                               choices=("vllm",))
+    tp: int | None = option("with --serve: also fail unless it loads at this tensor-parallel size", None, metavar="N")
     trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
 
 
@@ -402,6 +406,36 @@ def check_ecosystem(s: State, c: Check) -> None:
         c.message = f"loaded with {', '.join(kinds)}; logits within {rel:.4f} of ours"
 
 
+def check_serving(s: State, c: Check) -> None:
+    """vLLM's loading rules, from the stored names and shapes alone (serving.VLLM)."""
+    linears = []
+    for shard in checkpoint.weight_index(s.path)[0]:
+        with safe_open(str(s.path / shard), framework="pt") as sf:
+            names = [k[: -len(".qweight")] for k in sf.keys() if k.endswith(".qweight")]
+            for n in names:
+                linears.append(serving.Linear(n, sf.get_slice(f"{n}.g_idx").get_shape()[0],
+                                              sf.get_slice(f"{n}.scales").get_shape()[1]))
+    text = s.config.get("text_config") or s.config
+    report = serving.vllm_report(s.q, linears, text.get("num_key_value_heads"))
+    c.figures = {"vllm": report.figures(), "rules": serving.VLLM["source"], "notes": report.notes}
+    strict = s.opts.serve == "vllm"
+    if not report.loads:
+        if strict:
+            for p in report.problems:
+                c.fail(f"vLLM would not load it: {p}")
+        else:
+            c.message = (f"vLLM would not load it ({report.problems[0]}); transformers and GPTQModel do. "
+                         "--serve vllm makes this a failure")
+        return
+    c.message = f"vLLM loads it at tensor-parallel sizes {report.tp_sizes}"
+    if len(report.tp_sizes) < len(serving.VLLM["tp_sizes"]):
+        c.message += f" (not {report.notes[0]})"
+    if strict and s.opts.tp and s.opts.tp not in report.tp_sizes:
+        why = next((n for n in report.notes if n.startswith(f"TP {s.opts.tp}:")), f"TP {s.opts.tp} is not checked")
+        c.fail(f"vLLM would not load it at tensor parallelism {s.opts.tp}: {why}")
+        c.message = c.problems[0]
+
+
 def _comparison_tokens(s: State) -> torch.Tensor:
     if s.windows is not None:
         return s.windows[:1, :ECOSYSTEM_TOKENS]
@@ -417,6 +451,7 @@ CHECKS: tuple[CheckSpec, ...] = (
               unwanted="no --original given"),
     CheckSpec("transformers", check_ecosystem, needs=("structure",), wanted=lambda o: o.loader == "transformers"),
     CheckSpec("gptqmodel", check_ecosystem, needs=("structure",), wanted=lambda o: o.loader == "gptqmodel"),
+    CheckSpec("serving", check_serving, needs=("structure",)),
 )
 
 
@@ -446,6 +481,8 @@ def _check_input(o: VerifyOptions, config: dict) -> torch.device:
         raise BadInput(f"--eval-text {o.eval_text}: no such file")
     if o.original and not Path(o.original).is_dir():
         raise BadInput(f"--original {o.original}: no such directory")
+    if o.tp is not None and (o.serve is None or o.tp < 1):
+        raise BadInput("--tp N goes with --serve vllm (N >= 1): the tensor-parallel size the checkpoint must load at")
     if o.loader not in LOADERS:
         raise BadInput(f"--loader {o.loader}: use one of {', '.join(LOADERS)}")
     if o.loader != "ours":
