@@ -27,7 +27,7 @@ EXIT_CODES = """exit codes:
   0  success
   1  a verification check failed, or quantization failed at run time
   2  bad input: a flag, the calibration file, the model or the output path
-  130  interrupted (Ctrl-C); nothing was written
+  130  interrupted (Ctrl-C); no output was written (quantize resumes from its finished layers)
 """
 
 QUANTIZE_EXAMPLE = """example:

@@ -408,13 +408,12 @@ def check_ecosystem(s: State, c: Check) -> None:
 
 def check_serving(s: State, c: Check) -> None:
     """vLLM's loading rules, from the stored names and shapes alone (serving.VLLM)."""
-    linears = []
+    shapes = {}  # (a Linear's tensors may sit in different shards)
     for shard in checkpoint.weight_index(s.path)[0]:
         with safe_open(str(s.path / shard), framework="pt") as sf:
-            names = [k[: -len(".qweight")] for k in sf.keys() if k.endswith(".qweight")]
-            for n in names:
-                linears.append(serving.Linear(n, sf.get_slice(f"{n}.g_idx").get_shape()[0],
-                                              sf.get_slice(f"{n}.scales").get_shape()[1]))
+            shapes.update({k: sf.get_slice(k).get_shape() for k in sf.keys() if k.endswith((".g_idx", ".scales"))})
+    linears = [serving.Linear(k[: -len(".g_idx")], shapes[k][0], shapes[k[: -len(".g_idx")] + ".scales"][1])
+               for k in sorted(shapes) if k.endswith(".g_idx")]
     text = s.config.get("text_config") or s.config
     report = serving.vllm_report(s.q, linears, text.get("num_key_value_heads"))
     c.figures = {"vllm": report.figures(), "rules": serving.VLLM["source"], "notes": report.notes}

@@ -48,7 +48,7 @@ def test_clean_checkpoint_passes_everything(w4, capsys):
     code, report = run_verify(capsys, out, "--original", TINY, "--eval-text", EVAL_TEXT)
     assert code == 0, report
     c = checks(report)
-    assert [x["status"] for x in report["checks"]] == ["pass", "pass", "pass"]
+    assert [x["status"] for x in report["checks"]] == ["pass", "pass", "pass", "pass"]
     assert c["structure"]["figures"]["quantized_linears"] == 42
     assert c["generate"]["figures"]["new_tokens"] > 0 and report["reply"]
     f = c["closeness"]["figures"]
