@@ -218,6 +218,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
+@pytest.mark.slow
 def test_full_disk_is_exit_1_naming_the_bytes_and_resumes(tmp_path, monkeypatch):
     import errno
 
@@ -260,6 +261,7 @@ def test_overwrite_replaces_and_reference_config(tmp_path):
     shutil.rmtree(out)
 
 
+@pytest.mark.slow
 def test_tokens_reported_and_weights_change(tmp_path):
     out = tmp_path / "o"
     report = quantize(out, 4, num_samples=4)
@@ -280,6 +282,7 @@ def test_tokens_reported_and_weights_change(tmp_path):
     assert len(torch.unique(codes.round())) <= 16
 
 
+@pytest.mark.slow
 def test_batching_pads_without_changing_the_result(tmp_path):
     """--batch-size > 1 pads samples to a common length; padded positions are masked out of
     the Hessians and attention, so the quantization matches batch size 1."""

@@ -64,6 +64,7 @@ def test_killed_run_resumes_to_identical_bytes(uninterrupted, tmp_path, k):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # work and staging directories gone
 
 
+@pytest.mark.slow
 def test_stale_work_is_refused_and_no_resume_starts_over(tmp_path, monkeypatch):
     """A failure keeps the finished layers; a changed setting or data file is refused
     (exit 2, saying how to start over); --no-resume starts over."""

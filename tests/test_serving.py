@@ -32,6 +32,7 @@ def _serving(report):
     return {c["name"]: c for c in report["checks"]}["serving"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra,tp_sizes", [
     ("w4", (), [1]),  # intermediate 1408 = 11 groups of 128: not TP-2-aligned
     ("w8", ("--bits", "8"), [1]),
@@ -51,6 +52,7 @@ def test_loadable_and_tensor_parallel_sizes(outputs, name, extra, tp_sizes):
         assert code == 1 and "at tensor parallelism 2" in _serving(report)["problems"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("w3", ("--bits", "3")), ("asym", ("--asym",))])
 def test_not_loadable_passes_by_default_and_fails_when_asked(outputs, name, extra):
     out, err = outputs(name, *extra)
