@@ -122,10 +122,11 @@ class QuantizeOptions:
         """The block written to quantize_config.json and config.json."""
         return gptq_v1.quantization_config(self.quant, self.true_sequential, self.model_name_or_path)
 
-    def fingerprint_settings(self, device: str) -> dict:
-        """Every setting that decides the quantized layers (for resume.fingerprint)."""
+    def fingerprint_settings(self, device_type: str) -> dict:
+        """Every setting that decides the quantized layers (for resume.fingerprint); the
+        device by its type (CPU and CUDA round differently; cuda and cuda:0 do not)."""
         skip = ("out_path", "overwrite", "progress", "resume", "device", "model_name_or_path", "data_path")
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, "device": device}
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, "device": device_type}
 
     def report(self) -> dict:
         """The settings as `--json` reports them."""

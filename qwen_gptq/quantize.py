@@ -102,7 +102,7 @@ def run(o: QuantizeOptions) -> dict:
         qconfig = {**reference["quantization_config"], **qconfig}
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
     checked = _Checked(model_dir, family, src_config, qconfig, device, samples)
-    print_ = resume.fingerprint(model_dir, o.data_path, o.fingerprint_settings(str(device)))
+    print_ = resume.fingerprint(model_dir, o.data_path, o.fingerprint_settings(device.type))
     work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite)
     try:
         result = _quantize_and_write(o, checked, work)
