@@ -318,8 +318,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     W = W.float().clone()
     H = H.float() if overwrite_h else H.float().clone()
 
-    dead = torch.diag(H) == 0  # inputs that never fire: nothing to fit
-    H[dead, dead] = 1
+    # Inputs that never fire (padding, say): nothing to fit. Their diagonal gets the live
+    # columns' mean, so that they leave the dampening (a fraction of the mean) as it was.
+    diag = torch.diag(H)
+    dead = diag == 0
+    H[dead, dead] = diag[~dead].mean() if bool((~dead).any()) else 1.0
     W[:, dead] = 0
 
     # Static groups: parameters from the original weights, in the original column order.

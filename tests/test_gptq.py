@@ -85,3 +85,18 @@ def test_dead_inputs_and_scales_are_finite():
     res = gptq(W, H, QuantConfig())
     assert torch.isfinite(res.weight).all() and (res.scale > 0).all()
     assert (res.weight[:, 5] == 0).all()
+
+
+def test_dead_inputs_do_not_change_the_dampening():
+    """Zero-padded inputs (--pad-for-tp) must not move the result for the live columns:
+    dead columns do not count in the mean diagonal the dampening is a fraction of."""
+    W, X, H = _problem(3, in_f=256)
+    cfg = QuantConfig(group_size=128)
+    plain = gptq(W, H, cfg)
+    Hp = torch.zeros(384, 384)
+    Hp[:256, :256] = H
+    Wp = torch.cat([W, torch.zeros(W.shape[0], 128)], dim=1)
+    padded = gptq(Wp, Hp, cfg)
+    assert padded.damp == plain.damp
+    assert (padded.Q[:, :256] == plain.Q).float().mean() > 0.999
+    torch.testing.assert_close(padded.losses, plain.losses, rtol=1e-4, atol=1e-6)
