@@ -69,10 +69,14 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
     return model, tokenizer
 
 
-def prepare(model: nn.Module, family: Family) -> nn.Module:
-    """Bring a model transformers built into the module layout the family describes."""
+def prepare(model: nn.Module, family: Family, calibrate_all_experts: bool = False) -> nn.Module:
+    """Bring a model transformers built into the module layout the family describes
+    (with calibrate_all_experts, every expert sees every calibration token)."""
     if family.moe:
         unfuse_experts(model)
+    for m in model.modules():
+        if isinstance(m, UnfusedExperts):
+            m.calibrate_all = calibrate_all_experts
     return model
 
 
@@ -106,17 +110,25 @@ class UnfusedExperts(nn.ModuleList):
         super().__init__(experts)
         self.num_experts = E
         self.act_fn = act_fn
+        # Calibration only: every expert computes every token (so that its Hessian sees them
+        # all), while the output still combines just the routed ones, as the model does.
+        self.calibrate_all = False
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
+        experts = range(self.num_experts) if self.calibrate_all else top_k_index.unique().tolist()
+        for e in experts:
             if not 0 <= e < self.num_experts:
                 continue
             token_idx, pos = torch.where(top_k_index == e)
-            x = hidden_states[token_idx]
             m = self[e]
-            y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            if self.calibrate_all:
+                x = hidden_states
+                y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))[token_idx]
+            else:
+                x = hidden_states[token_idx]
+                y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 

@@ -76,6 +76,9 @@ class QuantizeOptions:
     max_shard_size: str = option("split weights into shards of at most SIZE", "5GB", metavar="SIZE")
     dtype: str = option("dtype of unquantized tensors", "float16", choices=DTYPES)
     reference_config: str | None = option("config.json of an official quantized model", None, metavar="FILE")
+    moe_calibrate_all_experts: bool = option("MoE: every expert sees every calibration token for its Hessian "
+                                             "(the layer's output still uses the real routing), so none falls back "
+                                             "to round-to-nearest; slower", False)
     pad_for_tp: int | None = option("zero-pad the MLPs' intermediate size so that vLLM splits it over N GPUs (and "
                                     "N's divisors); the padded model computes the same function", None, metavar="N")
     progress: bool = True  # progress bars and per-layer lines (-q turns them off)

@@ -138,7 +138,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     out = Path(o.out_path)
     t0 = time.perf_counter()
     model, tokenizer = hf.load_model(model_dir, "auto", o.trust_remote_code)
-    hf.prepare(model, family)
+    hf.prepare(model, family, o.moe_calibrate_all_experts)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
     if o.pad_for_tp:

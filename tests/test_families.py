@@ -148,7 +148,10 @@ def test_unfused_experts_match_fused(tmp_path):
         before = model(input_ids=ids).logits
         assert unfuse_experts(model) == 1
         after = model(input_ids=ids).logits
+        model.model.layers[0].mlp.experts.calibrate_all = True  # every expert computes every token
+        every = model(input_ids=ids).logits
     assert torch.allclose(before, after, atol=1e-5)
+    assert torch.allclose(before, every, atol=1e-5)  # ...but the output keeps the real routing
 
 
 def test_expert_without_tokens_falls_back_to_rtn(tmp_path):
@@ -164,6 +167,9 @@ def test_expert_without_tokens_falls_back_to_rtn(tmp_path):
     assert all(f"model.layers.0.mlp.experts.{e}.down_proj.qweight" in k for e in range(16))
     code, rep, err = verify(out)
     assert code == 0, (rep, err[-2000:])
+    report = quantize(src, tmp_path / "all", "--num-samples", "1", "--max_len", "4", "--moe-calibrate-all-experts")
+    assert report["rtn_fallbacks"] == []
+    assert ",rtn" not in (tmp_path / "all" / "quant_log.csv").read_text()
 
 
 def test_models_lists_every_family():
