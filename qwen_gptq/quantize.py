@@ -12,6 +12,7 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +52,21 @@ def read_source_config(model_dir: Path) -> dict:
     return cfg
 
 
-def check_packable(layers: nn.ModuleList, family: Family, cfg: QuantConfig) -> None:
-    """Exit 2, naming the Linear, if a shape cannot be stored in the checkpoint format
-    (every layer: MoE models can mix dense and sparse layers)."""
-    for layer in layers:
+def quantized_linears(layers: nn.ModuleList, family: Family) -> Iterator[tuple[int, str, nn.Linear]]:
+    """(layer index, name within the layer, module) of every Linear the family quantizes,
+    in every layer (MoE models can mix dense and sparse layers)."""
+    for i, layer in enumerate(layers):
         for names in layer_groups(layer, family):
             for n in names:
-                m = layer.get_submodule(n)
-                problem = gptq_v1.packing_problem(n, m.in_features, m.out_features, cfg)
-                if problem:
-                    raise BadInput(problem)
+                yield i, n, layer.get_submodule(n)
+
+
+def check_packable(layers: nn.ModuleList, family: Family, cfg: QuantConfig) -> None:
+    """Exit 2, naming the Linear, if a shape cannot be stored in the checkpoint format."""
+    for _, n, m in quantized_linears(layers, family):
+        problem = gptq_v1.packing_problem(n, m.in_features, m.out_features, cfg)
+        if problem:
+            raise BadInput(problem)
 
 
 def warn_if_not_servable(layers: nn.ModuleList, family: Family, o: QuantizeOptions, config: dict) -> None:
@@ -71,8 +77,7 @@ def warn_if_not_servable(layers: nn.ModuleList, family: Family, o: QuantizeOptio
         log.warning("vLLM will not load the output: %s (transformers and GPTQModel will)", problem)
         return
     linears = [serving.Linear(f"{family.layers}.{i}.{n}", m.in_features, m.out_features)
-               for i, layer in enumerate(layers) for names in layer_groups(layer, family)
-               for n in names for m in [layer.get_submodule(n)]]
+               for i, n, m in quantized_linears(layers, family)]
     kv = config.get("text_config", config).get("num_key_value_heads")
     report = serving.vllm_report({"bits": q.bits, "sym": q.sym, "group_size": q.group_size}, linears, kv)
     if 2 not in report.tp_sizes:

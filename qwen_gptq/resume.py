@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +27,6 @@ from safetensors.torch import save_file
 
 from . import __version__, checkpoint
 from .errors import BadInput
-
-log = logging.getLogger("qwen_gptq")
 
 FINGERPRINT = "fingerprint.json"
 HASH_CHUNK = 1 << 20

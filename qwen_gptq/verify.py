@@ -111,6 +111,7 @@ class State:
     model: torch.nn.Module | None = None  # loaded by `generate`, through our loader
     tokenizer: Tokenizer | None = None
     windows: torch.Tensor | None = None  # evaluation token windows, once tokenized
+    tensors: dict | None = None  # name -> (shard, shape, dtype) as stored, read by `structure`
     reply: str | None = None
 
 
@@ -130,7 +131,7 @@ def check_structure(s: State, c: Check) -> None:
     """Without loading the model: configs, weight files, quantized tensors, other files."""
     if not _check_config_block(s, c):
         return
-    tensors = _read_weight_files(s, c)
+    tensors = s.tensors = _read_weight_files(s, c)
     if tensors is None:
         return
     _check_values(s, c, tensors)
@@ -264,7 +265,8 @@ def _check_fused_sets(s: State, c: Check, tensors: dict) -> None:
                 for pattern in fused:
                     if matches(module, pattern):
                         star = ".".join(a for a, b in zip(module.split("."), pattern.split(".")) if b == "*")
-                        sets.setdefault(star, {})[module] = sets.get(star, {}).get(module, False) or leaf == "qweight"
+                        members = sets.setdefault(star, {})
+                        members[module] = members.get(module, False) or leaf == "qweight"
             for members in sets.values():
                 if len(set(members.values())) > 1:
                     q = sorted(m for m, v in members.items() if v)
@@ -408,12 +410,9 @@ def check_ecosystem(s: State, c: Check) -> None:
 
 def check_serving(s: State, c: Check) -> None:
     """vLLM's loading rules, from the stored names and shapes alone (serving.VLLM)."""
-    shapes = {}  # (a Linear's tensors may sit in different shards)
-    for shard in checkpoint.weight_index(s.path)[0]:
-        with safe_open(str(s.path / shard), framework="pt") as sf:
-            shapes.update({k: sf.get_slice(k).get_shape() for k in sf.keys() if k.endswith((".g_idx", ".scales"))})
-    linears = [serving.Linear(k[: -len(".g_idx")], shapes[k][0], shapes[k[: -len(".g_idx")] + ".scales"][1])
-               for k in sorted(shapes) if k.endswith(".g_idx")]
+    shape = {k: v[1] for k, v in s.tensors.items()}  # (as the structure check read them)
+    linears = [serving.Linear(k[: -len(".g_idx")], shape[k][0], shape[k[: -len(".g_idx")] + ".scales"][1])
+               for k in sorted(shape) if k.endswith(".g_idx")]
     text = s.config.get("text_config") or s.config
     report = serving.vllm_report(s.q, linears, text.get("num_key_value_heads"))
     c.figures = {"vllm": report.figures(), "rules": serving.VLLM["source"], "notes": report.notes}
