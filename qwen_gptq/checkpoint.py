@@ -19,16 +19,19 @@ import csv
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import BadInput
 
@@ -120,74 +123,185 @@ def read_tensors(model_dir: Path, prefixes: tuple[str, ...] = ("",)) -> dict[str
     return out
 
 
-def build_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype,
-                     verbatim: dict[str, torch.Tensor], outside: tuple[str, ...], tied: bool) -> dict[str, torch.Tensor]:
-    """The tensors to save: packed Linears, every other parameter in `dtype`, and the
-    `verbatim` tensors as the source stores them. The model's own tensors under the
-    `outside` prefixes (vision tower, ...) are not written: those come verbatim.
+# --------------------------------------------------------------------------- safetensors, one tensor at a time
 
-    Tied weights (lm_head tied to the embeddings) are saved once, under the name
-    the model's config expects to find.
-    """
-    out: dict[str, torch.Tensor] = {}
+# safetensors' dtype names; the format is an 8-byte little-endian header length, a JSON
+# header (name -> dtype, shape, data_offsets; "__metadata__"), then the raw bytes.
+DTYPE_NAMES = MappingProxyType({
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+})
+DTYPES_BY_NAME = MappingProxyType({v: k for k, v in DTYPE_NAMES.items()})
+HEADER_ALIGN = 8
+
+
+class TensorFile:
+    """A safetensors file read one tensor (or one slice along the first dimension) at a
+    time with plain reads: nothing is mapped, so what was read is freed with the tensor."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            try:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError, UnicodeDecodeError):
+                raise BadInput(f"{self.path}: not a safetensors file") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.header = header
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES_BY_NAME[self.header[name]["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or with `index` its slice [index] along the first dimension."""
+        entry = self.header[name]
+        dtype, shape = self.dtype(name), self.shape(name)
+        start, end = entry["data_offsets"]
+        if index is not None:
+            step = (end - start) // shape[0]
+            start, end, shape = start + index * step, start + (index + 1) * step, shape[1:]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + start)
+            if f.readinto(memoryview(buf.numpy())) != end - start:
+                raise BadInput(f"{self.path}: truncated (tensor {name})")
+        return buf.view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor to write: its dtype and shape now, its values when the writer reaches it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Stored:
+        return cls(t.dtype, tuple(t.shape), lambda: t)
+
+    @classmethod
+    def from_file(cls, f: TensorFile, name: str) -> Stored:
+        return cls(f.dtype(name), f.shape(name), lambda: f.read(name))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_safetensors(path: Path, tensors: dict[str, Stored], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time (widest dtypes first, then by name,
+    so every tensor is aligned), holding at most one tensor in memory."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % HEADER_ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:
+            t = tensors[k].read()
+            if t.dtype != tensors[k].dtype or tuple(t.shape) != tensors[k].shape:
+                raise RuntimeError(f"{k}: expected {tensors[k].dtype} {tensors[k].shape}, got {t.dtype} {tuple(t.shape)}")
+            f.write(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def saved(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An unquantized tensor as the output stores it: floats in `dtype`, on the host."""
+    if tensor.is_floating_point():
+        if dtype == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
+            raise BadInput(f"{name} has values beyond float16's range; save with --dtype bfloat16")
+        tensor = tensor.to(dtype)
+    return tensor.to("cpu").contiguous()
+
+
+def as_saved(name: str, stored: Stored, dtype: torch.dtype) -> Stored:
+    """An unquantized tensor to write, in `dtype` (see saved())."""
+    out = dtype if stored.dtype.is_floating_point else stored.dtype
+    return Stored(out, stored.shape, lambda: saved(name, stored.read(), dtype))
+
+
+def stored_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, Stored]:
+    """The checkpoint's tensors whose names start with one of `prefixes`, as stored."""
+    out: dict[str, Stored] = {}
+    if not prefixes:
+        return out
+    for f in weight_index(model_dir)[0]:
+        tf = TensorFile(Path(model_dir) / f)
+        out.update({k: Stored.from_file(tf, k) for k in tf.names() if k.startswith(prefixes)})
+    return out
+
+
+def outside_layers(model: torch.nn.Module, layers: str, dtype: torch.dtype, outside: tuple[str, ...],
+                   tied: bool) -> dict[str, Stored]:
+    """The model's tensors outside its decoder layers (embeddings, final norm, lm_head) and
+    outside the `outside` prefixes (vision tower, ...: those come verbatim), in `dtype`.
+    Tied weights (lm_head tied to the embeddings) are saved once, under the name the
+    model's config expects to find."""
+    out: dict[str, Stored] = {}
     seen: dict[int, str] = {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        if outside and name.startswith(outside):
-            continue
-        module, _, leaf = name.rpartition(".")
-        if module in packed and leaf == "weight":
+        if name.startswith((f"{layers}.", *outside)):
             continue
         ptr = tensor.data_ptr()
         if tied and ptr in seen:
             log.debug("%s is tied to %s; saved once", name, seen[ptr])
             continue
         seen[ptr] = name
-        if tensor.is_floating_point():
-            if dtype == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
-                raise BadInput(f"{name} has values beyond float16's range; save with --dtype bfloat16")
-            tensor = tensor.to(dtype)
-        out[name] = tensor.contiguous()
-    for module, tensors in packed.items():
-        for k, v in tensors.items():
-            out[f"{module}.{k}"] = v.contiguous()
-    out.update(verbatim)
-    return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+        out[name] = Stored.of(saved(name, tensor, dtype))
+    return out
+
+
+def natural_order(tensors: dict[str, Stored]) -> dict[str, Stored]:
+    return dict(sorted(tensors.items(), key=lambda kv: _natural_key(kv[0])))
 
 
 def _natural_key(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+def shard(state: dict[str, Stored], max_bytes: int) -> list[dict[str, Stored]]:
     shards, current, size = [], {}, 0
     for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if current and size + n > max_bytes:
+        if current and size + v.nbytes > max_bytes:
             shards.append(current)
             current, size = {}, 0
         current[k] = v
-        size += n
+        size += v.nbytes
     if current:
         shards.append(current)
     return shards
 
 
-def save_weights(state: dict[str, torch.Tensor], out_dir: Path, max_bytes: int) -> list[str]:
-    """Write model.safetensors, or shards plus an index. Returns the file names."""
+def save_weights(state: dict[str, Stored], out_dir: Path, max_bytes: int) -> list[str]:
+    """Write model.safetensors, or shards plus an index, one tensor at a time, in the
+    order of `state`. Returns the file names."""
     shards = shard(state, max_bytes)
-    # One key only: safetensors writes the metadata map in an arbitrary order, and two runs
-    # of the same command must give the same bytes (resume is checked that way).
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / WEIGHTS_NAME), metadata=meta)
+        write_safetensors(out_dir / WEIGHTS_NAME, shards[0], meta)
         return [WEIGHTS_NAME]
     names, weight_map = [], {}
     for i, s in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(s, str(out_dir / fname), metadata=meta)
+        write_safetensors(out_dir / fname, s, meta)
         names.append(fname)
         weight_map.update({k: fname for k in s})
-    total = sum(v.numel() * v.element_size() for v in state.values())
+    total = sum(v.nbytes for v in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names + [INDEX_NAME]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from types import MappingProxyType
 from typing import TextIO
 
+from . import distributed
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, QwenGPTQError
 from .options import QuantizeOptions, Setting, settings
 
@@ -122,6 +123,8 @@ def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
     from .quantize import run
 
     result = run(QuantizeOptions.build(**_values(args, QuantizeOptions), progress=not args.quiet))
+    if "out_path" not in result:  # a process other than the first of several: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(result), file=out)
         return 0
@@ -174,6 +177,8 @@ COMMANDS = MappingProxyType({"quantize": cmd_quantize, "verify": cmd_verify, "mo
 def _setup_logging(args: argparse.Namespace) -> None:
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # one of several processes (torchrun): rank 0 logs
+        level = logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("qwen-gptq: %(message)s"))
     log.handlers[:] = [handler]
@@ -225,6 +230,19 @@ def _results_stdout() -> Iterator[TextIO]:
         sys.stdout = real
 
 
+def _without_gpus(argv: list[str]) -> list[str]:
+    """The command line minus --gpus N (each process started is one of the N)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--gpus",):
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -238,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     _setup_logging(args)
     try:
+        if args.command == "quantize" and args.gpus and args.gpus != "1" and not distributed.launched():
+            QuantizeOptions.build(**_values(args, QuantizeOptions)).validate()
+            return distributed.launch(args.gpus, _without_gpus(argv if argv is not None else sys.argv[1:]))
         with _results_stdout() as out:
             return COMMANDS[args.command](args, out)
     except QwenGPTQError as e:

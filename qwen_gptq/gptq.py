@@ -29,6 +29,7 @@ MAX_DAMP = 1.0  # dampening is doubled after a failed Cholesky, up to this fract
 class QuantConfig:
     """The solver's settings (options.py says which the user sets, and how)."""
 
+    method: str = "gptq"  # or "rtn": round-to-nearest, no Hessians (a baseline)
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel (per-channel)
     sym: bool = True
@@ -119,12 +120,16 @@ class Hessian:
         fastpath.hessian_addmm(H[:h, h:], a, b)
         fastpath.hessian_addmm(H[h:, h:], b, b)
 
-    def finish(self) -> torch.Tensor:
-        """2/n · XᵀX (in the accumulator's memory: call once)."""
+    def products(self) -> torch.Tensor:
+        """XᵀX, unscaled (to be summed over processes), in the accumulator's memory: call once."""
         self._flush()
         if self.h:
             self.H[self.h:, :self.h].copy_(self.H[:self.h, self.h:].T)
-        return self.H.mul_(2.0 / self.count)
+        return self.H
+
+    def finish(self) -> torch.Tensor:
+        """2/n · XᵀX (in the accumulator's memory: call once)."""
+        return self.products().mul_(2.0 / self.count)
 
 
 # --------------------------------------------------------------------------- the quantization grid

@@ -2,7 +2,8 @@
 load-time adjustments transformers needs for Qwen's MoE models.
 
 - load_model(): a checkpoint as transformers builds it (for quantizing, or as the
-  original to compare with), laid out as its family says (MoE experts split).
+  original to compare with), laid out as its family says (MoE experts split);
+  skeleton(): the same model with nothing loaded (stream.py fills it layer by layer).
 - QuantLinear / load_quantized(): our reference loader for GPTQ checkpoints, independent
   of optimum/gptqmodel. It dequantizes the packed tensors (once, cached) with the formula
   every GPTQ kernel implements; slow and simple on purpose, the yardstick the ecosystem
@@ -62,6 +63,29 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto",
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
         model = auto_class(config).from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                                                    low_cpu_mem_usage=True)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load the model from {model_dir}: {e}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def skeleton(model_dir: str | Path, trust_remote_code: bool = False,
+             fallback_dtype: torch.dtype | None = None) -> tuple[nn.Module, Tokenizer]:
+    """(model, tokenizer) of an unquantized checkpoint as load_model() builds it, but with
+    every parameter on the meta device (buffers computed as usual) and nothing read: in
+    the checkpoint's dtype (its config's, else `fallback_dtype`, as from_pretrained's
+    dtype="auto" takes it), for stream.Streamed to fill."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or fallback_dtype
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        with init_empty_weights(include_buffers=False):
+            model = auto_class(config).from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot load the model from {model_dir}: {e}") from None
     model.eval()

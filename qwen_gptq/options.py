@@ -37,7 +37,10 @@ class Flag:
 
 
 # The solver settings a user sets, with their flags (defaults: QuantConfig's).
+METHODS = ("gptq", "rtn")
 SOLVER_FLAGS = MappingProxyType({
+    "method": Flag("gptq; or rtn: round-to-nearest, no Hessians (a quick baseline in the same format)",
+                   choices=METHODS),
     "bits": Flag("bits per weight", choices=gptq_v1.SUPPORTED_BITS),
     "group_size": Flag("columns per quantization group; -1 per channel", metavar="N"),
     "damp_percent": Flag("Hessian dampening, fraction of mean diag", metavar="F"),
@@ -67,6 +70,9 @@ class QuantizeOptions:
     max_len: int = option("truncate each sample to N tokens", 8192, metavar="N", primary="--max_len")
     num_samples: int | None = option("use the first N samples (default: all)", None, metavar="N")
     device: str = option("auto (CUDA when available), cpu, cuda, cuda:N", "auto")
+    gpus: str | None = option("quantize data-parallel on N GPUs of this machine, one process each (auto: every "
+                              "visible GPU); the same as torchrun --nproc-per-node N -m qwen_gptq quantize ...",
+                              None, metavar="N")
     batch_size: int = option("calibration samples per forward pass", 1, metavar="N")
     seed: int | None = option("shuffle the samples with this seed before --num-samples", None, metavar="S")
     trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
@@ -81,6 +87,9 @@ class QuantizeOptions:
                                              "to round-to-nearest; slower", False)
     pad_for_tp: int | None = option("zero-pad the MLPs' intermediate size so that vLLM splits it over N GPUs (and "
                                     "N's divisors); the padded model computes the same function", None, metavar="N")
+    stream: bool = option("read each decoder layer from the checkpoint when its turn comes, so host memory does "
+                          "not grow with the model's depth (--no-stream: load the whole model first)", True,
+                          negative="--no-stream")
     progress: bool = True  # progress bars and per-layer lines (-q turns them off)
 
     @classmethod
@@ -93,6 +102,8 @@ class QuantizeOptions:
     def validate(self) -> None:
         """BadInput (exit 2) for a value no run could use."""
         q = self.quant
+        if q.method not in METHODS:
+            raise BadInput(f"--method {q.method}: use {' or '.join(METHODS)}")
         if q.bits not in gptq_v1.SUPPORTED_BITS:
             raise BadInput(f"--bits {q.bits}: supported values are {', '.join(map(str, gptq_v1.SUPPORTED_BITS))}")
         if q.group_size == 0 or q.group_size < -1:
@@ -112,6 +123,8 @@ class QuantizeOptions:
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
         parse_size(self.max_shard_size)
+        if self.gpus is not None and self.gpus != "auto" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
+            raise BadInput(f"--gpus {self.gpus}: expected a number of GPUs (at least 1) or auto")
 
     @property
     def shard_bytes(self) -> int:
@@ -128,13 +141,13 @@ class QuantizeOptions:
     def fingerprint_settings(self, device_type: str) -> dict:
         """Every setting that decides the quantized layers (for resume.fingerprint); the
         device by its type (CPU and CUDA round differently; cuda and cuda:0 do not)."""
-        skip = ("out_path", "overwrite", "progress", "resume", "device", "model_name_or_path", "data_path")
+        skip = ("out_path", "overwrite", "progress", "resume", "stream", "gpus", "device", "model_name_or_path", "data_path")
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, "device": device_type}
 
     def report(self) -> dict:
         """The settings as `--json` reports them."""
         q = self.quant
-        return {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, "damp_percent": q.damp_percent,
+        return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym, "damp_percent": q.damp_percent,
                 "desc_act": q.desc_act, "static_groups": q.static_groups, "true_sequential": self.true_sequential,
                 "mse": q.mse}
 

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import fastpath, gptq_v1, runtime
+from . import distributed, fastpath, gptq_v1, runtime
 from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
-from .gptq import CholeskyFailed, Hessian, QuantConfig, gptq, rtn
+from .gptq import CholeskyFailed, GPTQResult, Hessian, QuantConfig, gptq, rtn
 from .resume import WorkDir
-from .runtime import LayerForwards, LayerInputs, Mover, StopForward
+from .runtime import LayerForwards, LayerInputs, Mover, StopForward, Weights
 
 log = logging.getLogger("qwen_gptq")
 
@@ -65,7 +65,11 @@ class Plan:
     true_sequential: bool = True
     progress: bool = True
     memo_bytes: int | None = None  # memory for memoized outputs (None: runtime.memo_budget)
-    work: WorkDir | None = None  # finished layers are saved here, and taken from here on a rerun
+    # Finished layers' output tensors are saved here (and no longer kept in Outcome.packed),
+    # and taken from here on a rerun.
+    work: WorkDir | None = None
+    weights: Weights = Weights()  # where layers' weights come from and go (streaming)
+    group: distributed.Group = distributed.Group()  # this process among several (torchrun)
 
 
 @dataclass
@@ -118,7 +122,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibra
 
 
 def quantize_model(model: nn.Module, family: Family, calibration: Calibration, plan: Plan) -> Outcome:
-    """Quantize every decoder layer of `model` (on CPU) in place and return the packed tensors."""
+    """Quantize every decoder layer of `model` (on CPU, or on the meta device for
+    plan.weights to fill) and return the packed tensors (in plan.work, if given)."""
     outcome = Outcome()
     t = outcome.timings
     layers = decoder_layers(model, family)
@@ -135,7 +140,7 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     log.info("captured %d batch(es), %d tokens; activations kept on %s", len(inputs), calibration.tokens, store)
 
     memo = runtime.memo_budget(plan.device) if plan.memo_bytes is None else plan.memo_bytes
-    run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype), outcome)
+    run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights), outcome)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
         log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
@@ -199,25 +204,31 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
     """A layer an interrupted run finished: its weights from the saved packed tensors
     (they dequantize to exactly what the solver wrote back), then its outputs."""
     start = _arrive(run, layer, next_layer)
-    packed, stats = run.plan.work.load(i)
     prefix = f"{run.family.layers}.{i}."
-    for full, tensors in packed.items():
+    for full, tensors in run.plan.work.packed(i).items():
         w = layer.get_submodule(full[len(prefix):]).weight
         w.data.copy_(gptq_v1.dequantize_linear(**tensors, bits=run.plan.cfg.bits).to(w.device, w.dtype))
-    run.outcome.packed.update(packed)
-    run.outcome.stats += [ModuleStat(**s) for s in stats]
+    run.outcome.stats += [ModuleStat(**s) for s in run.plan.work.stored(i)[1]]
     if next_layer is not None:
         _forward_all(run, i, layer, None)
     _leave(run, layer, start)
 
 
-def _save_layer(run: _Run, i: int) -> None:
-    """Once its packed tensors are on the host, write layer i into the work directory."""
+def _save_layer(run: _Run, i: int, layer: nn.Module) -> None:
+    """Once its packed tensors are on the host, write layer i's output tensors into the
+    work directory: the packed Linears and the rest of the layer (in the model's dtype)."""
     prefix = f"{run.family.layers}.{i}."
     stats = [dataclasses.asdict(s) for s in run.outcome.stats if s.layer == i]
+    dtype = run.mover.model_dtype
 
     def job() -> None:
-        run.plan.work.save(i, {k: v for k, v in run.outcome.packed.items() if k.startswith(prefix)}, stats)
+        packed = {k: run.outcome.packed.pop(k) for k in [k for k in run.outcome.packed if k.startswith(prefix)]}
+        tensors = {f"{m}.{leaf}": t for m, ts in packed.items() for leaf, t in ts.items()}
+        quantized = {f"{m[len(prefix):]}.weight" for m in packed}
+        for name, t in layer.state_dict().items():
+            if name not in quantized:
+                tensors[prefix + name] = t.to("cpu", dtype if t.is_floating_point() else t.dtype)
+        run.plan.work.save(i, tensors, stats)
 
     run.mover.then(job)
 
@@ -231,16 +242,17 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
-            hessians = _measure(run, i, layer, forwards, modules)
-            _solve(run, i, modules, hessians)
+            measured = _GroupInputs(modules) if run.plan.cfg.method == "rtn" else _measure(run, i, layer, forwards,
+                                                                                               modules)
+            _solve(run, i, modules, measured)
             forwards.quantized(names)
         forwards.last_pass()
         if next_layer is not None:  # the last layer's outputs feed nothing
             _forward_all(run, i, layer, forwards)
     finally:
         forwards.remove()
-    if run.plan.work is not None:
-        _save_layer(run, i)
+    if run.plan.work is not None and run.plan.group.main:
+        _save_layer(run, i, layer)
     _leave(run, layer, start)
 
 
@@ -307,40 +319,51 @@ def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
 
 
 def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs) -> None:
-    """One stacked GPTQ problem per distinct Hessian; weights written back, packed tensors fetched."""
-    t, cfg, device = run.outcome.timings, run.plan.cfg, run.plan.device
-    for lead in [n for n in modules if n not in group.owner]:
-        members = [lead] + [n for n in modules if group.owner.get(n) == lead]
-        t0 = time.perf_counter()
-        weights = [modules[n].weight for n in members]
-        W = torch.cat([w.data for w in weights], dim=0)
-        H = group.hessians.pop(lead, None)
-        n_tok = H.count if H is not None else 0
+    """One stacked GPTQ problem per distinct Hessian (spread over the ranks when there are
+    several); weights written back, packed tensors fetched (by rank 0, which writes)."""
+    t, cfg, device, ranks = run.outcome.timings, run.plan.cfg, run.plan.device, run.plan.group
+    owner = distributed.agree(ranks, group.owner)
+    leads = [n for n in modules if n not in owner]
+    members = {lead: [lead] + [n for n in modules if owner.get(n) == lead] for lead in leads}
+    problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None))
+                for lead in leads]
+    group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
+
+    def solve(lead: str, W: torch.Tensor, H: torch.Tensor | None) -> GPTQResult:
         if H is None:
-            log.warning("layer %d: %s saw no calibration tokens; quantized with round-to-nearest", i, ", ".join(members))
-            res, method = rtn(W, cfg), "rtn"
-        else:
-            try:
-                res, method = gptq(W, H.finish(), cfg, overwrite_h=True), "gptq"
-            except CholeskyFailed as e:
-                raise QuantizationFailed(f"layer {i} {lead}: {e}") from None
-            del H
-            if not torch.isfinite(res.weight).all():
-                raise QuantizationFailed(f"layer {i} {lead}: quantization produced NaN/Inf weights")
+            return rtn(W, cfg)
+        try:
+            res = gptq(W, H, cfg, overwrite_h=True)
+        except CholeskyFailed as e:
+            raise QuantizationFailed(f"layer {i} {lead}: {e}") from None
+        if not torch.isfinite(res.weight).all():
+            raise QuantizationFailed(f"layer {i} {lead}: quantization produced NaN/Inf weights")
+        return res
+
+    t0 = time.perf_counter()
+    for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve)):
+        method = "gptq" if n_tok else "rtn"
+        if not n_tok and cfg.method == "gptq":
+            log.warning("layer %d: %s saw no calibration tokens; quantized with round-to-nearest", i,
+                        ", ".join(members[lead]))
         runtime.sync(device)
         elapsed = time.perf_counter() - t0
         t["solve"] += elapsed
         t0 = time.perf_counter()
         row = 0
-        for n, w in zip(members, weights):
+        for n in members[lead]:
+            w = modules[n].weight
             sl = slice(row, row + w.shape[0])
             w.data.copy_(res.weight[sl].to(w.dtype))
-            packed = gptq_v1.pack_linear(res.Q[sl], res.scale[:, sl], res.zero[:, sl], res.g_idx, cfg.bits)
-            run.mover.fetch(packed, run.outcome.packed, f"{run.family.layers}.{i}.{n}")
+            if ranks.main:
+                packed = gptq_v1.pack_linear(res.Q[sl], res.scale[:, sl], res.zero[:, sl], res.g_idx, cfg.bits)
+                run.mover.fetch(packed, run.outcome.packed, f"{run.family.layers}.{i}.{n}")
             loss = res.losses[sl].sum().item()
-            share = elapsed * w.shape[0] / W.shape[0]
+            share = elapsed * w.shape[0] / res.weight.shape[0]
             run.outcome.stats.append(ModuleStat(i, n, loss, res.damp, share, n_tok, method))
             log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, res.damp)
             row += w.shape[0]
+        del res
         runtime.sync(device)
         t["pack"] += time.perf_counter() - t0
+        t0 = time.perf_counter()

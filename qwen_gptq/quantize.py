@@ -7,6 +7,7 @@ output directory is written atomically.
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import resource
@@ -15,16 +16,20 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from . import calib, checkpoint, gptq_v1, hf, resume, runtime, serving
+from . import calib, checkpoint, distributed, gptq_v1, hf, resume, runtime, serving, stream
 from .errors import BadInput, QuantizationFailed
 from .families import Family, decoder_layers, family_for, layer_groups
 from .gptq import QuantConfig
 from .options import QuantizeOptions
 from .pipeline import Plan, quantize_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger("qwen_gptq")
 
@@ -106,13 +111,26 @@ def run(o: QuantizeOptions) -> dict:
         src_config = {**src_config, **{k: v for k, v in reference.items() if k != "quantization_config"}}
         qconfig = {**reference["quantization_config"], **qconfig}
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
-    checked = _Checked(model_dir, family, src_config, qconfig, device, samples)
-    print_ = resume.fingerprint(model_dir, o.data_path, o.fingerprint_settings(device.type))
-    work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite)
+    ranks, device = distributed.init(device)  # (torchrun) after the checks: every rank makes them, and exits 2 alike
     try:
-        result = _quantize_and_write(o, checked, work)
+        return _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
+    finally:
+        distributed.finish()
+
+
+def _run_checked(o: QuantizeOptions, c: _Checked, started: float) -> dict:
+    out, ranks = Path(o.out_path), c.ranks
+    print_ = resume.fingerprint(c.model_dir, o.data_path,
+                                {**o.fingerprint_settings(c.device.type), "processes": ranks.size})
+    if ranks.main:
+        work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite)
+    distributed.barrier(ranks)
+    if not ranks.main:
+        work = resume.WorkDir(resume.work_path(out))  # read (to resume), never written
+    try:
+        result = _quantize_and_write(o, c, work)
     except BaseException as e:
-        if work.finished() == 0:
+        if ranks.main and work.finished() == 0:
             work.remove()  # nothing worth keeping
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             where = Path(e.filename or out.parent)
@@ -122,7 +140,8 @@ def run(o: QuantizeOptions) -> dict:
                 f"free some space and run the same command again: the {work.finished()} finished layer(s) are kept "
                 f"in {work.path}") from None
         raise
-    work.remove()  # the output is whole: nothing to resume
+    if ranks.main:
+        work.remove()  # the output is whole: nothing to resume
     return {**result, "wall_seconds": time.perf_counter() - started}
 
 
@@ -136,42 +155,81 @@ class _Checked:
     qconfig: dict
     device: torch.device
     samples: list[calib.Sample]
+    ranks: distributed.Group
+
+
+def _load(o: QuantizeOptions, c: _Checked) -> tuple[nn.Module, Tokenizer, runtime.Weights]:
+    """The model to quantize, and where its layers' weights come from: streamed from the
+    checkpoint one layer at a time (a skeleton on the meta device; host memory does not
+    grow with depth), or the whole model loaded when --no-stream or when the checkpoint's
+    tensors do not map onto the model by streaming's rules."""
+    if o.stream:
+        try:
+            streamed, tokenizer = stream.open_streamed(c.model_dir, c.family, o.trust_remote_code,
+                                                       o.moe_calibrate_all_experts)
+            log.info("streaming the decoder layers from %s, one at a time", c.model_dir)
+            return streamed.model, tokenizer, runtime.Weights(streamed.fill, streamed.release)
+        except stream.NotStreamable as e:
+            log.warning("cannot stream this checkpoint (%s); loading the whole model into memory", e)
+    model, tokenizer = hf.load_model(c.model_dir, "auto", o.trust_remote_code)
+    hf.prepare(model, c.family, o.moe_calibrate_all_experts)
+    return model, tokenizer, runtime.Weights()
+
+
+def _pad(o: QuantizeOptions, c: _Checked, layers: nn.ModuleList, weights: runtime.Weights) -> tuple[
+        nn.ModuleList, runtime.Weights]:
+    """--pad-for-tp: the layers as they will be quantized (for the checks), and the
+    padding done as each streamed layer is filled (a loaded model is padded now)."""
+    if not o.pad_for_tp:
+        return layers, weights
+
+    def size_for(n: int) -> int:
+        return serving.padded_size(n, o.pad_for_tp, o.quant.group_size)
+
+    streamed = weights.release is not None
+    shaped = copy.deepcopy(layers) if streamed else layers  # streamed: on the meta device, a copy costs nothing
+    changed = hf.pad_mlps(shaped, size_for)
+    c.src_config.get("text_config", c.src_config).update(changed)
+    log.info("padded for tensor parallelism %d: %s", o.pad_for_tp,
+             ", ".join(f"{k} {v}" for k, v in changed.items()) or "nothing needed padding")
+    if not streamed:
+        return shaped, weights
+
+    def fill(layer: nn.Module) -> None:
+        weights.fill(layer)
+        hf.pad_mlps(nn.ModuleList([layer]), size_for)
+
+    return shaped, runtime.Weights(fill, weights.release)
 
 
 def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -> dict:
     model_dir, family, device = c.model_dir, c.family, c.device
     out = Path(o.out_path)
     t0 = time.perf_counter()
-    model, tokenizer = hf.load_model(model_dir, "auto", o.trust_remote_code)
-    hf.prepare(model, family, o.moe_calibrate_all_experts)
+    model, tokenizer, weights = _load(o, c)
     load_seconds = time.perf_counter() - t0
     layers = decoder_layers(model, family)
-    if o.pad_for_tp:
-        changed = hf.pad_mlps(layers, lambda n: serving.padded_size(n, o.pad_for_tp, o.quant.group_size))
-        target = c.src_config.get("text_config", c.src_config)
-        target.update(changed)
-        log.info("padded for tensor parallelism %d: %s", o.pad_for_tp,
-                 ", ".join(f"{k} {v}" for k, v in changed.items()) or "nothing needed padding")
-    check_packable(layers, family, o.quant)
-    warn_if_not_servable(layers, family, o, c.src_config)
+    shaped, weights = _pad(o, c, layers, weights)
+    check_packable(shaped, family, o.quant)
+    warn_if_not_servable(shaped, family, o, c.src_config)
     calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_size)
+    samples, tokens = calibration.samples, calibration.tokens
     log.info(
-        "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens",
-        o.model_name_or_path, family.name, len(layers), o.quant.bits, o.quant.group_size, device,
-        calibration.samples, calibration.tokens,
+        "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens%s",
+        o.model_name_or_path, family.name, len(layers), o.quant.bits, o.quant.group_size, device, samples, tokens,
+        f", data-parallel over {c.ranks.size} processes" if c.ranks.size > 1 else "",
     )
+    calibration = _my_share(c.ranks, calibration)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    plan = Plan(o.quant, device, o.true_sequential, o.progress, work=work)
+    plan = Plan(o.quant, device, o.true_sequential, o.progress and c.ranks.main, work=work, weights=weights,
+                group=c.ranks)
     outcome = quantize_model(model, family, calibration, plan)
+    if not c.ranks.main:
+        return {"rank": c.ranks.rank}  # rank 0 writes
 
     t0 = time.perf_counter()
-    # Tensors outside the language model, as stored, under transformers' names for them.
-    verbatim = checkpoint.read_tensors(model_dir, family.passthrough)
-    rules = checkpoint.prefix_renames(verbatim, model.state_dict())
-    verbatim = {checkpoint.renamed(k, rules): v for k, v in verbatim.items()}
-    state = checkpoint.build_state_dict(model, outcome.packed, o.save_dtype, verbatim, family.passthrough,
-                                        hf.tied_embeddings(model.config))
+    state = _output_tensors(o, c, model, work, len(layers))
     try:
         with checkpoint.staging_dir(out, o.overwrite) as tmp:
             files = checkpoint.save_weights(state, tmp, o.shard_bytes)
@@ -181,7 +239,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
             files += ["config.json", "quantize_config.json", "quant_log.csv"]
             checkpoint.finalize_permissions(tmp)
     except OSError as e:
-        e.needed = sum(t.numel() * t.element_size() for t in state.values())  # for the message
+        e.needed = sum(t.nbytes for t in state.values())  # for the message
         raise
     save_seconds = time.perf_counter() - t0
 
@@ -195,12 +253,44 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
         "family": family.name,
         "settings": o.report(),
         "device": str(device),
-        "samples": calibration.samples,
-        "tokens": calibration.tokens,
+        "samples": samples,
+        "tokens": tokens,
+        "processes": c.ranks.size,
         "layers": [{"layer": k, "mean_loss": sum(v) / len(v)} for k, v in sorted(per_layer.items())],
-        "rtn_fallbacks": [f"{s.layer}.{s.module}" for s in outcome.stats if s.method == "rtn"],
+        "rtn_fallbacks": [f"{s.layer}.{s.module}" for s in outcome.stats if s.method == "rtn" and o.quant.method == "gptq"],
         "files": sorted(files),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "peak_gpu_bytes": runtime.peak_gpu_bytes(device),
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def _my_share(ranks: distributed.Group, calibration: calib.Calibration) -> calib.Calibration:
+    """This process's calibration batches (all of them in a single process)."""
+    if ranks.size == 1:
+        return calibration
+    if len(calibration.batches) < ranks.size:
+        raise BadInput(f"{len(calibration.batches)} calibration batch(es) for {ranks.size} processes: use more "
+                       "samples, a smaller --batch-size or fewer processes")
+    mine = distributed.share(ranks, [b.tokens for b in calibration.batches])
+    return calib.Calibration([calibration.batches[j] for j in mine], calibration.samples)
+
+
+def _output_tensors(o: QuantizeOptions, c: _Checked, model: nn.Module, work: resume.WorkDir,
+                    n_layers: int) -> dict[str, checkpoint.Stored]:
+    """Every tensor of the output, each read when the writer reaches it: the model's own
+    outside the decoder layers, each layer's from the work directory (unquantized ones in
+    --dtype), and those outside the language model as stored (under transformers' names)."""
+    family, dtype = c.family, o.save_dtype
+    state = checkpoint.outside_layers(model, family.layers, dtype, family.passthrough,
+                                      hf.tied_embeddings(model.config))
+    for i in range(n_layers):
+        tensors, _ = work.stored(i)
+        packed = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+        for k, t in tensors.items():
+            module, _, leaf = k.rpartition(".")
+            state[k] = t if module in packed and leaf in gptq_v1.TENSORS else checkpoint.as_saved(k, t, dtype)
+    verbatim = checkpoint.stored_tensors(c.model_dir, family.passthrough)
+    rules = checkpoint.prefix_renames(verbatim, model.state_dict())
+    state.update({checkpoint.renamed(k, rules): v for k, v in verbatim.items()})
+    return checkpoint.natural_order(state)

@@ -1,6 +1,7 @@
 """Resume: the finished layers of a run, kept beside the output until the output is whole.
 
-A run writes each decoder layer's packed tensors (and its quant_log rows) into a hidden
+A run writes each decoder layer's output tensors (packed Linears and the rest of the
+layer, as the output stores them) and its quant_log rows into a hidden
 work directory `.OUT.work` next to OUT as soon as the layer is done, with a fingerprint
 of everything that decides them: the model's files, the calibration data, every setting,
 the tool's version. Run the same command again after an interruption (Ctrl-C, SIGKILL,
@@ -22,14 +23,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, gptq_v1
 from .errors import BadInput
 
 FINGERPRINT = "fingerprint.json"
 HASH_CHUNK = 1 << 20
+WORK_FORMAT = 2  # 2: a layer file holds all of the layer's output tensors (1: its packed Linears only)
 
 
 def work_path(out: Path) -> Path:
@@ -53,7 +53,7 @@ def fingerprint(model_dir: Path, data_path: str, settings: dict) -> dict:
              "weights": {f: (model_dir / f).stat().st_size for f in files}}
     if (model_dir / checkpoint.INDEX_NAME).is_file():
         model[checkpoint.INDEX_NAME] = _sha256(model_dir / checkpoint.INDEX_NAME)
-    return {"tool": __version__, "model": model, "data": _sha256(Path(data_path)), "settings": settings}
+    return {"tool": __version__, "work_format": WORK_FORMAT, "model": model, "data": _sha256(Path(data_path)), "settings": settings}
 
 
 @dataclasses.dataclass
@@ -93,21 +93,24 @@ class WorkDir:
             k += 1
         return k
 
-    def save(self, i: int, packed: dict[str, dict[str, torch.Tensor]], stats: list[dict]) -> None:
-        """Layer i's packed tensors (by module) and its log rows, written atomically."""
-        tensors = {f"{module}::{leaf}": t.contiguous() for module, ts in packed.items() for leaf, t in ts.items()}
+    def save(self, i: int, tensors: dict[str, torch.Tensor], stats: list[dict]) -> None:
+        """Layer i's tensors as the output stores them (packed Linears and everything else
+        of the layer, under their output names) and its log rows, written atomically."""
         tmp = self._file(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"stats": json.dumps(stats)})
+        checkpoint.write_safetensors(tmp, {k: checkpoint.Stored.of(t) for k, t in tensors.items()},
+                                     {"stats": json.dumps(stats)})
         os.replace(tmp, self._file(i))
 
-    def load(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
-        packed: dict[str, dict[str, torch.Tensor]] = {}
-        with safe_open(str(self._file(i)), framework="pt") as f:
-            for k in f.keys():
-                module, leaf = k.split("::")
-                packed.setdefault(module, {})[leaf] = f.get_tensor(k)
-            stats = json.loads(f.metadata()["stats"])
-        return packed, stats
+    def stored(self, i: int) -> tuple[dict[str, checkpoint.Stored], list[dict]]:
+        """Layer i's tensors, each read when asked for, and its log rows."""
+        f = checkpoint.TensorFile(self._file(i))
+        return {k: checkpoint.Stored.from_file(f, k) for k in f.names()}, json.loads(f.metadata["stats"])
+
+    def packed(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Layer i's packed Linears: module -> qweight/qzeros/scales/g_idx."""
+        f = checkpoint.TensorFile(self._file(i))
+        modules = [k.removesuffix(".qweight") for k in f.names() if k.endswith(".qweight")]
+        return {m: {leaf: f.read(f"{m}.{leaf}") for leaf in gptq_v1.TENSORS} for m in modules}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

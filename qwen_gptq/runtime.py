@@ -159,6 +159,24 @@ def memo_budget(device: torch.device) -> int:
 # --------------------------------------------------------------------------- moving layers
 
 
+def _nothing(layer: nn.Module) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a decoder layer's weights come from before it runs and go after.
+
+    fill(layer) makes them whole (reads them from disk when streaming; pads them). Once
+    the layer's results are written, release(layer) gives a streamed layer's memory back;
+    without it (release None, the model loaded whole) its quantized weights go back into
+    host memory.
+    """
+
+    fill: Callable[[nn.Module], None] = _nothing
+    release: Callable[[nn.Module], None] | None = None
+
+
 class Mover:
     """Moves decoder layers to the compute device and back, and results to the host.
 
@@ -166,11 +184,14 @@ class Mover:
     travel while layer i is quantized, and layer i's weights and packed tensors travel
     back while i+1 is: the main thread waits only for what is not done yet. Weights go
     back into the very host memory they came from (no fresh pageable allocation to
-    fault in). Elsewhere the moves are plain and immediate.
+    fault in), or, streamed, are released. Reading a streamed layer from disk is part
+    of its trip to the device, so it too overlaps the previous layer's work. Elsewhere
+    the moves are plain and immediate.
     """
 
-    def __init__(self, device: torch.device, cdtype: torch.dtype, model_dtype: torch.dtype):
-        self.device, self.cdtype, self.model_dtype = device, cdtype, model_dtype
+    def __init__(self, device: torch.device, cdtype: torch.dtype, model_dtype: torch.dtype,
+                 weights: Weights = Weights()):
+        self.device, self.cdtype, self.model_dtype, self.weights = device, cdtype, model_dtype, weights
         self.pending: dict[int, Future] = {}  # layers on their way to the device
         self.back: list[Future] = []  # copies to the host
         self.homes: dict[int, list] = {}
@@ -182,10 +203,12 @@ class Mover:
     def to_device(self, layer: nn.Module) -> None:
         """Start moving a layer's weights to the device (wait() before using it)."""
         if not self.cuda:
+            self.weights.fill(layer)
             layer.to(device=self.device, dtype=self.cdtype)
             return
 
         def job():
+            self.weights.fill(layer)
             homes = []
             with torch.cuda.stream(self.stream):
                 for m in layer.modules():
@@ -221,13 +244,21 @@ class Mover:
         self.back.append(self.pool.submit(job))
 
     def to_host(self, layer: nn.Module) -> None:
-        """Start moving a layer's (quantized) weights back into host memory."""
+        """Start moving a layer's (quantized) weights back into host memory, or releasing them."""
+        release = self.weights.release
         if not self.cuda:
-            layer.to(device="cpu", dtype=self.model_dtype)
+            if release:
+                release(layer)
+            else:
+                layer.to(device="cpu", dtype=self.model_dtype)
             return
 
         def copy():
-            for coll, k, home in self.homes.pop(id(layer)):
+            homes = self.homes.pop(id(layer))
+            if release:
+                release(layer)
+                return
+            for coll, k, home in homes:
                 home.copy_(coll[k].data)  # blocking on this stream: pageable memory, never pinned
                 _set(coll, k, home)
 

@@ -151,8 +151,10 @@ def main():
     if not a.no_save:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            state = checkpoint.build_state_dict(model, outcome.packed, torch.float16, {}, (), False)
-            checkpoint.save_weights(state, Path(tmp), parse_size("5GB"))
+            state = checkpoint.outside_layers(model, family.layers, torch.float16, (), False)
+            for module, tensors in outcome.packed.items():  # (the CLI takes these from its work directory)
+                state.update({f"{module}.{k}": checkpoint.Stored.of(v) for k, v in tensors.items()})
+            checkpoint.save_weights(checkpoint.natural_order(state), Path(tmp), parse_size("5GB"))
         save_s = time.perf_counter() - t0
 
     n = model.config.num_hidden_layers

@@ -120,3 +120,13 @@ def w4(tmp_path_factory):
                        "--max-shard-size", "10MB", "--json")
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout)
+
+
+@pytest.fixture(scope="session")
+def w4_ppl(w4):
+    """The perplexity of the w4 checkpoint (the README's protocol)."""
+    from qwen_gptq.evaluate import eval_windows, perplexity
+    from qwen_gptq.hf import load_quantized
+
+    model, tok = load_quantized(w4[0])
+    return perplexity(model, eval_windows(tok, open(EVAL_TEXT, encoding="utf-8").read(), 64, 512))

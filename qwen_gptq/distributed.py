@@ -1,0 +1,247 @@
+"""Several processes, one per GPU (torchrun), quantizing one model data-parallel.
+
+Every process (rank) runs the whole pipeline on its own slice of the calibration batches
+(balanced by token count). Per true-sequential group, each distinct Hessian is summed
+over the ranks, and the GPTQ problems are spread over them:
+
+- a group with at least as many problems as ranks (MoE experts) gives each problem one
+  owner, assigned by cost (longest first, to the least loaded rank): its Hessian is
+  reduced to the owner, which solves it;
+- a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
+  its rows split over the ranks: the Hessian is all-reduced and each rank solves its
+  rows (rows are independent given H).
+
+Then each result is broadcast from its solver, so that every rank continues with the
+same quantized weights. Rank 0 alone writes (work directory, output). Per layer the
+ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
+Hessians) and the quantized weights (one byte per weight for the codes plus the weights
+in the compute dtype), nothing else: activations never leave their rank.
+
+One process (no torchrun) is a group of one, and every function here is then local.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import BadInput
+from .gptq import GPTQResult, Hessian
+
+log = logging.getLogger("qwen_gptq")
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a collective that waits longer means a rank is gone
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the ranks (a group of one without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether torchrun (or its launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> tuple[Group, torch.device]:
+    """Join the process group torchrun set up; on CUDA each rank takes its local GPU
+    (NCCL), on CPU the ranks talk over gloo."""
+    if not launched():
+        return Group(), device
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise BadInput(f"rank {os.environ.get('RANK')} wants GPU {local}, but {torch.cuda.device_count()} "
+                               "are visible")
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
+                                device_id=device if cuda else None)
+    return Group(dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier(group: Group) -> None:
+    if group.size > 1:
+        dist.barrier()
+
+
+def launch(gpus: str, argv: list[str]) -> int:
+    """`--gpus N`: run `qwen_gptq` with argv in N processes on this machine through
+    torchrun's launcher (a rendezvous on a free local port, no restarts); the exit code
+    is that of the first process to fail (all of them are stopped then), else 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    visible = torch.cuda.device_count()
+    n = visible if gpus == "auto" else int(gpus)
+    if n < 1 or n > visible:
+        raise BadInput(f"--gpus {gpus}: {visible} GPU(s) visible on this machine")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"qwen-gptq-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "qwen_gptq", *argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        log.error("process %d (of %d) failed with exit code %d; all were stopped", rank, n, failure.exitcode)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(group: Group, sizes: list[int]) -> list[int]:
+    """The indices of the items (of these sizes) this rank takes: each item to the rank
+    with the least so far, largest first; in their original order."""
+    load = [0] * group.size
+    mine = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(group.size), key=lambda r: (load[r], r))
+        load[r] += sizes[i]
+        if r == group.rank:
+            mine.append(i)
+    return sorted(mine)
+
+
+def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
+    """The union over the ranks of which Linears share another's input (and so its
+    Hessian): a rank that saw no token of an MoE expert in its first batch could not tell."""
+    if group.size == 1:
+        return owner
+    gathered: list = [None] * group.size
+    dist.all_gather_object(gathered, owner)
+    union: dict[str, str] = {}
+    for o in gathered:
+        union.update(o)
+    return union
+
+
+@dataclass
+class Problem:
+    """One stacked GPTQ problem: the weights of Linears sharing a Hessian."""
+
+    name: str
+    weights: list[torch.Tensor]  # [rows_i, columns] each, stacked into one W when solved
+    hessian: Hessian | None  # this rank's accumulation (None: it saw no token)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(w.shape[0] for w in self.weights), self.weights[0].shape[1]
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat(self.weights)
+
+
+Solve = Callable[[str, torch.Tensor, torch.Tensor | None], GPTQResult]  # (name, W, H; None: no tokens) -> result
+
+
+def solve_all(group: Group, problems: list[Problem], solve: Solve) -> Iterator[tuple[GPTQResult, int]]:
+    """(result, tokens seen over all ranks) of each problem, in order, the same on every rank."""
+    if group.size == 1:
+        for p in problems:
+            h, p.hessian = p.hessian, None
+            if h is None:
+                yield solve(p.name, p.stacked(), None), 0
+            else:
+                yield solve(p.name, p.stacked(), h.products().mul_(2.0 / h.count)), h.count
+        return
+    yield from _solve_spread(group, problems, solve)
+
+
+def _cost(p: Problem) -> int:
+    rows, columns = p.shape
+    return rows * columns * columns + columns**3
+
+
+def _solve_spread(group: Group, problems: list[Problem], solve: Solve) -> Iterator[tuple[GPTQResult, int]]:
+    device = problems[0].weights[0].device
+    counts = torch.tensor([p.hessian.count if p.hessian else 0 for p in problems], dtype=torch.int64, device=device)
+    dist.all_reduce(counts)
+    counts = counts.tolist()
+    split = len(problems) < group.size
+    owners = [-1] * len(problems) if split else _owners(group, [_cost(p) for p in problems])
+    hessians: list[torch.Tensor | None] = []
+    for p, n, owner in zip(problems, counts, owners):
+        h, p.hessian = p.hessian, None
+        if n == 0:
+            hessians.append(None)
+            continue
+        columns = p.shape[1]
+        H = h.products() if h is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        if split:
+            dist.all_reduce(H)
+        else:
+            dist.reduce(H, owner)
+        hessians.append(H.mul_(2.0 / n) if split or owner == group.rank else None)
+        del H
+    for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
+        H, hessians[i] = hessians[i], None
+        W = p.stacked()
+        if split:
+            yield _solve_rows(group, p.name, W, H, solve), n
+        else:
+            yield _broadcast(group, W, owner, solve(p.name, W, H) if owner == group.rank else None), n
+
+
+def _owners(group: Group, costs: list[int]) -> list[int]:
+    """Each problem's rank: largest first, to the least loaded."""
+    load = [0] * group.size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(group.size), key=lambda r: (load[r], r))
+        load[r] += costs[i]
+        owners[i] = r
+    return owners
+
+
+def _solve_rows(group: Group, name: str, W: torch.Tensor, H: torch.Tensor | None, solve: Solve) -> GPTQResult:
+    """Each rank solves its share of the rows with the same H; the parts are put together."""
+    bounds = torch.linspace(0, W.shape[0], group.size + 1).round().long().tolist()
+    parts = []
+    for r in range(group.size):
+        rows = slice(bounds[r], bounds[r + 1])
+        if rows.stop > rows.start:
+            parts.append(_broadcast(group, W[rows], r, solve(name, W[rows], H) if r == group.rank else None))
+    return GPTQResult(
+        Q=torch.cat([p.Q for p in parts]), scale=torch.cat([p.scale for p in parts], dim=1),
+        zero=torch.cat([p.zero for p in parts], dim=1), g_idx=parts[0].g_idx,
+        weight=torch.cat([p.weight for p in parts]), losses=torch.cat([p.losses for p in parts]),
+        damp=max(p.damp for p in parts))
+
+
+def _broadcast(group: Group, W: torch.Tensor, src: int, mine: GPTQResult | None) -> GPTQResult:
+    """`src`'s result for W, on every rank."""
+    rows, columns = W.shape
+    dev = W.device
+    header = torch.tensor([mine.damp, mine.scale.shape[0]] if mine else [0.0, 0.0], dtype=torch.float64, device=dev)
+    dist.broadcast(header, src)
+    damp, groups = header[0].item(), int(header[1].item())
+    res = mine or GPTQResult(Q=torch.empty(rows, columns, dtype=torch.uint8, device=dev),
+                             scale=torch.empty(groups, rows, dtype=torch.float32, device=dev),
+                             zero=torch.empty(groups, rows, dtype=torch.int32, device=dev),
+                             g_idx=torch.empty(columns, dtype=torch.int32, device=dev),
+                             weight=torch.empty(rows, columns, dtype=torch.float32, device=dev),
+                             losses=torch.empty(rows, dtype=torch.float32, device=dev), damp=damp)
+    for name in ("Q", "scale", "zero", "g_idx", "weight", "losses"):
+        t = getattr(res, name).contiguous()
+        dist.broadcast(t, src)
+        setattr(res, name, t)
+    return res

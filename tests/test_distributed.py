@@ -1,0 +1,98 @@
+"""Several processes (torchrun, gloo on CPU): data-parallel calibration, Hessians summed
+over the ranks, solves spread over them, rank 0 writing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen_gptq import distributed, resume
+
+from .conftest import CALIB, EVAL_TEXT, TINY, cli
+
+ARGS = ("--model_name_or_path", TINY, "--data_path", CALIB, "--device", "cpu")
+
+
+def _torchrun(n, out, *extra, **kw):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                             "-m", "qwen_gptq", "quantize", *ARGS, "--out_path", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_batches_are_shared_by_tokens_and_problems_by_cost():
+    sizes = [512, 100, 300, 300, 200, 512, 10]
+    shares = [distributed.share(distributed.Group(r, 2), sizes) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(len(sizes)))  # disjoint, complete
+    loads = [sum(sizes[i] for i in s) for s in shares]
+    assert abs(loads[0] - loads[1]) <= max(sizes) / 2, loads
+    owners = distributed._owners(distributed.Group(0, 2), [8, 1, 1, 1, 1, 1, 1, 1, 1])
+    assert owners[0] == 0 and set(owners[1:]) == {1}  # the big one alone; the eight small ones together
+
+
+def test_the_gpus_launcher_refuses_more_gpus_than_visible(tmp_path):
+    r = cli("quantize", *ARGS, "--out_path", tmp_path / "q", "--gpus", "64")
+    assert r.returncode == 2 and "--gpus 64" in r.stderr and "visible" in r.stderr, r.stderr
+    r = cli("quantize", *ARGS, "--out_path", tmp_path / "q", "--gpus", "two")
+    assert r.returncode == 2 and "--gpus two" in r.stderr, r.stderr
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, w4_ppl):
+    """torchrun, 2 processes (gloo): exit 0, one report, output loads with our loader, and its
+    perplexity within 0.05 of the 1-process run's (Hessians differ only in summation order)."""
+    from qwen_gptq.evaluate import eval_windows, perplexity
+    from qwen_gptq.hf import load_quantized
+
+    out = tmp_path / "q"
+    p = _torchrun(2, out, "--num-samples", "128", "--max_len", "512", "--json", "-q")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["processes"] == 2 and reports[0]["samples"] == 128
+    assert not reports[0]["rtn_fallbacks"]
+    model, tok = load_quantized(out)
+    value = perplexity(model, eval_windows(tok, open(EVAL_TEXT, encoding="utf-8").read(), 64, 512))
+    assert abs(value - w4_ppl) <= 0.05, (value, w4_ppl)
+
+
+def _children(pid):
+    """The processes whose parent is pid, with their environment's RANK."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and "RANK" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job(tmp_path):
+    """SIGKILL rank 1 once layer 0 is done: the job exits non-zero in bounded time, no output
+    directory appears, the finished layers stay for the next run."""
+    out = tmp_path / "q"
+    p = _torchrun(2, out, "--num-samples", "16", "--max_len", "128")
+    deadline = time.monotonic() + 300
+    done = resume.work_path(out) / "layer-00000.safetensors"
+    while not done.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = _children(p.pid)
+    assert 1 in ranks, (ranks, p.poll())
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert time.monotonic() - killed < 60
+    assert not out.exists(), list(tmp_path.iterdir())
+    assert resume.WorkDir(resume.work_path(out)).finished() >= 1
