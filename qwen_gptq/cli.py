@@ -45,6 +45,8 @@ calibration data (--data_path): a JSON list (or JSON Lines) of
 """
 
 VERIFY_EXAMPLE = "example:\n  qwen-gptq verify OUT --original MODEL --eval-text eval.txt\n\n"
+BENCH_EXAMPLE = ("examples:\n  qwen-gptq bench OUT --original MODEL --plot table.png   # on a GPU: memory and speed\n"
+                 "  qwen-gptq bench OUT --json                              # on a CPU: weights memory only\n\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,verify,models}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,verify,bench,models}")
 
     q = sub.add_parser(
         "quantize", help="quantize a Qwen checkpoint", epilog=QUANTIZE_EXAMPLE + EXIT_CODES, formatter_class=_Formatter,
@@ -106,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     for s in settings(VerifyOptions):
         _add(v, s)
     _common(v)
+
+    b = sub.add_parser(
+        "bench", help="memory and speed of a quantized model (and the original)", formatter_class=_Formatter,
+        epilog=BENCH_EXAMPLE + EXIT_CODES,
+        description="Qwen's GPTQ table for the checkpoints at hand: weights and peak GPU memory, prefill and "
+                    "decode tokens/s at batch 1 and a larger batch, the quantized model through transformers + "
+                    "GPTQModel's kernels, the original in bfloat16.",
+    )
+    from .bench import BenchOptions
+
+    for s in settings(BenchOptions):
+        _add(b, s)
+    _common(b)
 
     m = sub.add_parser("models", help="list the supported model families", formatter_class=_Formatter)
     m.add_argument("--json", action="store_true", help="print JSON")
@@ -156,6 +171,35 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if report["ok"] else EXIT_FAILED
 
 
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    from .bench import BenchOptions, bench
+
+    report = bench(BenchOptions(**_values(args, BenchOptions)))
+    if args.json:
+        print(json.dumps(report), file=out)
+        return 0
+    s = report["settings"]
+    print(f"bench on {report['device']} (prompt {s['prompt_len']}, {s['new_tokens']} new tokens, median of "
+          f"{s['runs']})", file=out)
+    batches = [str(b) for b in s["batch_sizes"]]
+    head = f"  {'precision':9s} {'weights GB':>10s}"
+    for b in batches:
+        head += f" {'peak GB b' + b:>11s} {'prefill t/s b' + b:>15s} {'decode t/s b' + b:>14s}"
+    print(head + "  kernel", file=out)
+    for r in report["models"]:
+        line = f"  {r['precision']:9s} {r['weights_gb']:10.2f}"
+        for b in batches:
+            x = r.get("batches", {}).get(b)
+            line += (f" {x['peak_gb']:11.2f} {x['prefill_tokens_per_s']:15.0f} {x['decode_tokens_per_s']:14.1f}" if x
+                     else f" {'-':>11s} {'-':>15s} {'-':>14s}")
+        print(f"{line}  {r['kernel']}", file=out)
+    if "note" in report:
+        print(f"  ({report['note']})", file=out)
+    if "plot" in report:
+        print(f"  plot: {report['plot']}", file=out)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, out: TextIO) -> int:
     from .families import FAMILIES
 
@@ -168,7 +212,7 @@ def cmd_models(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-COMMANDS = MappingProxyType({"quantize": cmd_quantize, "verify": cmd_verify, "models": cmd_models})
+COMMANDS = MappingProxyType({"quantize": cmd_quantize, "verify": cmd_verify, "bench": cmd_bench, "models": cmd_models})
 
 
 # --------------------------------------------------------------------------- main

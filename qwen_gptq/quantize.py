@@ -168,6 +168,7 @@ def _load(o: QuantizeOptions, c: _Checked) -> tuple[nn.Module, Tokenizer, runtim
             streamed, tokenizer = stream.open_streamed(c.model_dir, c.family, o.trust_remote_code,
                                                        o.moe_calibrate_all_experts)
             log.info("streaming the decoder layers from %s, one at a time", c.model_dir)
+            runtime.host_memory_returned_on_free()
             return streamed.model, tokenizer, runtime.Weights(streamed.fill, streamed.release)
         except stream.NotStreamable as e:
             log.warning("cannot stream this checkpoint (%s); loading the whole model into memory", e)
@@ -257,6 +258,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
         "tokens": tokens,
         "processes": c.ranks.size,
         "layers": [{"layer": k, "mean_loss": sum(v) / len(v)} for k, v in sorted(per_layer.items())],
+        "layer_seconds": [round(x, 3) for x in outcome.layer_seconds],
         "rtn_fallbacks": [f"{s.layer}.{s.module}" for s in outcome.stats if s.method == "rtn" and o.quant.method == "gptq"],
         "files": sorted(files),
         "timings": {k: round(v, 4) for k, v in timings.items()},

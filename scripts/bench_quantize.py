@@ -49,6 +49,10 @@ SHAPES = {
     "qwen3.5-27b": {**_dense("qwen3_5_text", 5120, 17408, 64, 24, 4, 256, 248320, False),
                     "linear_num_value_heads": 48, "linear_num_key_heads": 16, "linear_key_head_dim": 128,
                     "linear_value_head_dim": 128},
+    # Qwen3-30B-A3B: 128 experts, top-8, no shared expert
+    "qwen3-30b-a3b": {**_dense("qwen3_moe", 2048, 6144, 48, 32, 4, 128, 151936, False),
+                      "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                      "decoder_sparse_step": 1, "norm_topk_prob": True},
     # Qwen3-Next-80B-A3B (transformers' default Qwen3NextConfig): hybrid, 512 experts, top-10, shared expert
     "qwen3-next-80b-a3b": {**_dense("qwen3_next", 2048, 5632, 48, 16, 2, 256, 151936, False),
                            "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
@@ -97,6 +101,11 @@ def main():
                    help="with --end-to-end: time the qwen_gptq package found in each DIR (e.g. a copy of another "
                         "commit's package), runs alternating, for before/after figures from one run")
     p.add_argument("--repeat", type=int, default=1, help="with --end-to-end: runs per package")
+    p.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
+                   help="with --end-to-end: extra command-line flags per variant (e.g. '' '--no-stream' '--gpus 2'), "
+                        "each variant timed with each package, alternating")
+    p.add_argument("--keep", metavar="DIR", default=None,
+                   help="with --end-to-end: save the model, calibration file and output under DIR and keep them")
     a = p.parse_args()
     device = torch.device(a.device)
 
@@ -201,7 +210,8 @@ def end_to_end(model, a, full_layers, build_s):
     from transformers import AutoTokenizer
 
     root = ROOT
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model.save_pretrained(tmp / "model")
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -219,20 +229,24 @@ def end_to_end(model, a, full_layers, build_s):
            "--data_path", str(tmp / "calib.json"), "--out_path", str(tmp / "out"), "--bits", str(a.bits),
            "--group-size", str(a.group_size), "--max_len", str(a.seq_len), "--num-samples", str(a.samples),
            "--device", a.device, "--json", "--quiet", "--overwrite"] + (["--no-mse"] if a.no_mse else [])
-    runs: dict[str, list] = {p: [] for p in a.packages}
+    runs: dict[str, list] = {}
     for _ in range(a.repeat):
-        for package in a.packages:  # alternating, so that drift in the machine hits both alike
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, cwd=package, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if r.returncode != 0:
-                sys.exit(f"qwen-gptq quantize ({package}) failed ({r.returncode}):\n{r.stderr[-3000:]}")
-            cli = json.loads(r.stdout)
-            runs[package].append({"end_to_end_s": round(wall, 2), "cli_timings": cli["timings"],
-                                  "peak_gpu_gb": round(cli["peak_gpu_bytes"] / 1e9, 2),
-                                  "peak_host_gb": round(cli["peak_host_bytes"] / 1e9, 2)})
+        for package in a.packages:  # alternating, so that drift in the machine hits all alike
+            for variant in a.variants:
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd + variant.split(), cwd=package, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if r.returncode != 0:
+                    sys.exit(f"qwen-gptq quantize ({package} {variant}) failed ({r.returncode}):\n{r.stderr[-3000:]}")
+                cli = json.loads(r.stdout)
+                runs.setdefault(f"{package} {variant}".strip(), []).append({
+                    "end_to_end_s": round(wall, 2), "cli_timings": cli["timings"],
+                    "layer_seconds": [round(x, 2) for x in cli.get("layer_seconds", [])],
+                    "peak_gpu_gb": round(cli["peak_gpu_bytes"] / 1e9, 2),
+                    "peak_host_gb": round(cli["peak_host_bytes"] / 1e9, 2)})
     size = sum(f.stat().st_size for f in (tmp / "out").iterdir())
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not a.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"shape": a.shape, "layers": len(cli["layers"]), "full_layers": full_layers, "samples": a.samples,
             "seq_len": a.seq_len, "tokens": cli["tokens"], "bits": a.bits, "group_size": a.group_size,
             "card": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
