@@ -33,6 +33,8 @@ class BenchOptions:
     prompt_len: int = option("prompt tokens per sequence", 256, metavar="N")
     new_tokens: int = option("tokens generated per sequence", 128, metavar="N")
     runs: int = option("timed runs per figure (the median is reported), after a warm-up", 3, metavar="N")
+    kernel: str | None = option("GPTQModel's kernel for the quantized model: marlin, machete, exllama_v2, triton, "
+                                "torch (default: GPTQModel's choice for the GPU)", None, metavar="NAME")
     device: str = option("cuda or cuda:N for the full table (auto: CUDA when available); cpu: memory only", "auto")
     plot: str | None = option("also draw the table as bar charts into this PNG (needs the plot extra: matplotlib)",
                               None, metavar="FILE")
@@ -90,7 +92,7 @@ def _versions() -> dict:
     return out
 
 
-def _load(path: Path, quantized: bool, device: torch.device, trust_remote_code: bool) -> torch.nn.Module:
+def _load(path: Path, quantized: bool, device: torch.device, o: BenchOptions) -> torch.nn.Module:
     place = {"device_map": str(device) if device.type == "cuda" else "cpu"}
     if quantized:
         try:
@@ -98,11 +100,11 @@ def _load(path: Path, quantized: bool, device: torch.device, trust_remote_code: 
         except ImportError:
             raise BadInput("bench loads GPTQ checkpoints through transformers + GPTQModel's kernels: "
                            "pip install 'qwen-gptq[gptqmodel]'") from None
-        return hf.transformers_from_pretrained(path, trust_remote_code, dtype=torch.float16, **place)
+        return hf.transformers_from_pretrained(path, o.trust_remote_code, o.kernel, dtype=torch.float16, **place)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return hf.auto_class(config).from_pretrained(str(path), dtype=torch.bfloat16, trust_remote_code=trust_remote_code,
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=o.trust_remote_code)
+    return hf.auto_class(config).from_pretrained(str(path), dtype=torch.bfloat16, trust_remote_code=o.trust_remote_code,
                                                  **place)
 
 
@@ -112,7 +114,7 @@ def _measure(name: str, path: Path, device: torch.device, o: BenchOptions) -> di
     if cuda:
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(device)
-    model = _load(path, name != "bf16", device, o.trust_remote_code).eval()
+    model = _load(path, name != "bf16", device, o).eval()
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
     row = {"precision": name, "path": str(path), "kernel": ", ".join(kernels) or "torch (bf16 GEMM)"}
     if cuda:

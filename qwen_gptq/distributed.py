@@ -192,13 +192,32 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve) -> Iterat
             dist.reduce(H, owner)
         hessians.append(H.mul_(2.0 / n) if split or owner == group.rank else None)
         del H
-    for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
+    # Every rank solves what it owns first, then the results travel in order: a rank never
+    # waits for another's solve before starting its own.
+    mine: dict[int, GPTQResult] = {}
+    for i, (p, owner) in enumerate(zip(problems, owners)):
         H, hessians[i] = hessians[i], None
+        if split:
+            rows = _rows(group, p.shape[0])[group.rank]
+            if rows.stop > rows.start:
+                mine[i] = solve(p.name, p.stacked()[rows], H)
+        elif owner == group.rank:
+            mine[i] = solve(p.name, p.stacked(), H)
+        del H
+    for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
         W = p.stacked()
         if split:
-            yield _solve_rows(group, p.name, W, H, solve), n
+            parts = [_broadcast(group, W[rows], r, mine.pop(i, None) if r == group.rank else None)
+                     for r, rows in enumerate(_rows(group, W.shape[0])) if rows.stop > rows.start]
+            yield _joined(parts), n
         else:
-            yield _broadcast(group, W, owner, solve(p.name, W, H) if owner == group.rank else None), n
+            yield _broadcast(group, W, owner, mine.pop(i, None)), n
+
+
+def _rows(group: Group, rows: int) -> list[slice]:
+    """Each rank's share of a problem's rows."""
+    bounds = torch.linspace(0, rows, group.size + 1).round().long().tolist()
+    return [slice(bounds[r], bounds[r + 1]) for r in range(group.size)]
 
 
 def _owners(group: Group, costs: list[int]) -> list[int]:
@@ -212,14 +231,8 @@ def _owners(group: Group, costs: list[int]) -> list[int]:
     return owners
 
 
-def _solve_rows(group: Group, name: str, W: torch.Tensor, H: torch.Tensor | None, solve: Solve) -> GPTQResult:
-    """Each rank solves its share of the rows with the same H; the parts are put together."""
-    bounds = torch.linspace(0, W.shape[0], group.size + 1).round().long().tolist()
-    parts = []
-    for r in range(group.size):
-        rows = slice(bounds[r], bounds[r + 1])
-        if rows.stop > rows.start:
-            parts.append(_broadcast(group, W[rows], r, solve(name, W[rows], H) if r == group.rank else None))
+def _joined(parts: list[GPTQResult]) -> GPTQResult:
+    """One result from the results of consecutive row ranges (the same H: the same g_idx)."""
     return GPTQResult(
         Q=torch.cat([p.Q for p in parts]), scale=torch.cat([p.scale for p in parts], dim=1),
         zero=torch.cat([p.zero for p in parts], dim=1), g_idx=parts[0].g_idx,

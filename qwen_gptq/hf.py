@@ -287,9 +287,11 @@ def load_quantized(model_dir: str | Path, dtype: torch.dtype = torch.float32, de
 # --------------------------------------------------------------------------- the ecosystem's loaders
 
 
-def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, **kwargs) -> nn.Module:
+def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, backend: str | None = None,
+                                 **kwargs) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained through transformers' GPTQ path (optimum +
-    gptqmodel kernels), as a user would call it.
+    gptqmodel kernels), as a user would call it; `backend` picks GPTQModel's kernel
+    (marlin, machete, exllama_v2, triton, torch; default: its own choice).
 
     Two things transformers does not do by itself: for families that keep Linears in 16
     bits (MoE routers' shared-expert gate, Qwen3.5's in_proj_a/b),
@@ -303,11 +305,13 @@ def transformers_from_pretrained(path: Path, trust_remote_code: bool = False, **
     kwargs = {"device_map": "cpu", "dtype": torch.float16, **kwargs}
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     family = family_for(config.model_type)
-    if not family.moe and not family.keep:
-        return auto_class(config).from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
     q = config.quantization_config
     q = q if isinstance(q, dict) else q.to_dict()
-    config.quantization_config = {**q, "modules_in_block_to_quantize": quantized_module_suffixes(family)}
+    if backend:
+        q = {**q, "backend": backend}
+    if family.moe or family.keep:
+        q = {**q, "modules_in_block_to_quantize": quantized_module_suffixes(family)}
+    config.quantization_config = q
     with per_expert_linears(config.model_type) if family.moe else contextlib.nullcontext():
         return auto_class(config).from_pretrained(str(path), config=config, trust_remote_code=trust_remote_code,
                                                   **kwargs)

@@ -159,8 +159,9 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
             mean = sum(losses) / max(1, len(losses))
             bar.set_postfix(loss=f"{mean:.4g}")
             if plan.progress and not terminal:
-                log.info("layer %d/%d done in %.1f s, mean loss %.4g%s", i + 1, len(layers), outcome.layer_seconds[-1],
-                         mean, " (finished earlier)" if i < done else "")
+                log.info("layer %d/%d done in %.1f s, mean loss %.4g, host memory %.2f GB%s", i + 1, len(layers),
+                         outcome.layer_seconds[-1], mean, runtime.host_bytes() / 1e9,
+                         " (finished earlier)" if i < done else "")
         t0 = time.perf_counter()
         run.mover.wait_all()
         t["move"] += time.perf_counter() - t0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import errno
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -263,7 +262,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
         "files": sorted(files),
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "peak_gpu_bytes": runtime.peak_gpu_bytes(device),
-        "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_host_bytes": runtime.peak_host_bytes(),
     }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
+import resource
 import typing
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ ACTIVATIONS_GPU_FRACTION = 0.7  # activations stay on the GPU if (with the layer
 LAYER_ROOM = 4  # room kept for the layer, its Hessians and the forward's temporaries, in layer sizes
 MEMO_HOST_FRACTION = 4  # on CPU, memoized outputs may use 1/this of the available host memory
 MEMO_FALLBACK_BYTES = 1 << 30  # when the available memory cannot be read
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
 
 
@@ -57,6 +60,29 @@ def sync(device: torch.device) -> None:
     """Wait for the main stream (for honest phase timings), not for the mover's copies."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+
+
+def host_bytes() -> int:
+    """This process's resident host memory now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_host_bytes() -> int:
+    """This process's peak resident host memory: VmHWM, which starts afresh at exec
+    (ru_maxrss carries over the parent's peak, e.g. a benchmark that holds a model and
+    starts us as a child)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_gpu_bytes(device: torch.device) -> int:

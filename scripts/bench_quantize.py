@@ -102,8 +102,9 @@ def main():
                         "commit's package), runs alternating, for before/after figures from one run")
     p.add_argument("--repeat", type=int, default=1, help="with --end-to-end: runs per package")
     p.add_argument("--variants", nargs="+", default=[""], metavar="FLAGS",
-                   help="with --end-to-end: extra command-line flags per variant (e.g. '' '--no-stream' '--gpus 2'), "
-                        "each variant timed with each package, alternating")
+                   help="with --end-to-end: extra command-line flags per variant, each timed with each package, "
+                        "alternating; start a variant with a space so that it is not read as a flag of this script: "
+                        "--variants '' ' --no-stream' ' --gpus 2'")
     p.add_argument("--keep", metavar="DIR", default=None,
                    help="with --end-to-end: save the model, calibration file and output under DIR and keep them")
     a = p.parse_args()
