@@ -288,6 +288,9 @@ def _without_gpus(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import host_memory_returned_on_free
+
+    host_memory_returned_on_free()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

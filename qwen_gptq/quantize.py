@@ -167,7 +167,6 @@ def _load(o: QuantizeOptions, c: _Checked) -> tuple[nn.Module, Tokenizer, runtim
             streamed, tokenizer = stream.open_streamed(c.model_dir, c.family, o.trust_remote_code,
                                                        o.moe_calibrate_all_experts)
             log.info("streaming the decoder layers from %s, one at a time", c.model_dir)
-            runtime.host_memory_returned_on_free()
             return streamed.model, tokenizer, runtime.Weights(streamed.fill, streamed.release)
         except stream.NotStreamable as e:
             log.warning("cannot stream this checkpoint (%s); loading the whole model into memory", e)

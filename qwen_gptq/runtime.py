@@ -330,7 +330,9 @@ def host_memory_returned_on_free() -> None:
     system when freed, and trim the heap's top from 1 MiB free. By default both thresholds
     rise with the sizes freed, and a streamed run's per-layer tensors then come from the
     heap, which keeps what they leave behind, fragmented: host memory crept up by 50 MB per
-    Qwen2.5-1.5B-shaped layer instead of staying flat. Elsewhere (not glibc) a no-op."""
+    Qwen2.5-1.5B-shaped layer instead of staying flat. Set once when the command line
+    starts (set later, the heap already holds free space that keeps being reused and
+    fragmented). Elsewhere (not glibc) a no-op."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES)
