@@ -109,16 +109,8 @@ def finish() -> None:
 
 
 def share(group: Group, sizes: list[int]) -> list[int]:
-    """The indices of the items (of these sizes) this rank takes: each item to the rank
-    with the least so far, largest first; in their original order."""
-    load = [0] * group.size
-    mine = []
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        r = min(range(group.size), key=lambda r: (load[r], r))
-        load[r] += sizes[i]
-        if r == group.rank:
-            mine.append(i)
-    return sorted(mine)
+    """The indices of the items (of these sizes) this rank takes (see _owners), in order."""
+    return [i for i, r in enumerate(_owners(group, sizes)) if r == group.rank]
 
 
 def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
@@ -221,7 +213,8 @@ def _rows(group: Group, rows: int) -> list[slice]:
 
 
 def _owners(group: Group, costs: list[int]) -> list[int]:
-    """Each problem's rank: largest first, to the least loaded."""
+    """Each item's rank: largest first, each to the least loaded rank so far (ties: the
+    lower index, the lower rank), so that every rank computes the same assignment."""
     load = [0] * group.size
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
