@@ -23,6 +23,7 @@ quantization config block from here, so a second format would be a sibling modul
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,11 @@ class TensorSpec:
 
 def n_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def packed_modules(names: Iterable[str]) -> list[str]:
+    """The Linears (module names) whose packed tensors are among these tensor names."""
+    return [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
 
 
 def tensor_specs(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, TensorSpec]:

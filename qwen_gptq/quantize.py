@@ -286,7 +286,7 @@ def _output_tensors(o: QuantizeOptions, c: _Checked, model: nn.Module, work: res
                                       hf.tied_embeddings(model.config))
     for i in range(n_layers):
         tensors, _ = work.stored(i)
-        packed = {k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")}
+        packed = set(gptq_v1.packed_modules(tensors))
         for k, t in tensors.items():
             module, _, leaf = k.rpartition(".")
             state[k] = t if module in packed and leaf in gptq_v1.TENSORS else checkpoint.as_saved(k, t, dtype)

@@ -109,8 +109,7 @@ class WorkDir:
     def packed(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
         """Layer i's packed Linears: module -> qweight/qzeros/scales/g_idx."""
         f = checkpoint.TensorFile(self._file(i))
-        modules = [k.removesuffix(".qweight") for k in f.names() if k.endswith(".qweight")]
-        return {m: {leaf: f.read(f"{m}.{leaf}") for leaf in gptq_v1.TENSORS} for m in modules}
+        return {m: {leaf: f.read(f"{m}.{leaf}") for leaf in gptq_v1.TENSORS} for m in gptq_v1.packed_modules(f.names())}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
