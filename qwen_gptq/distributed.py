@@ -103,8 +103,14 @@ def launch(gpus: str, argv: list[str]) -> int:
     return 0
 
 
-def finish() -> None:
+def finish(together: bool = False) -> None:
+    """Leave the process group. together (a run that succeeded): wait for every rank
+    first — rank 0 is still writing when the others are done, and a gloo group torn down
+    under a peer that still holds its connections can abort the process (SIGABRT,
+    "terminate called without an active exception"), failing a run that succeeded."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -112,9 +112,12 @@ def run(o: QuantizeOptions) -> dict:
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
     ranks, device = distributed.init(device)  # (torchrun) after the checks: every rank makes them, and exits 2 alike
     try:
-        return _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
-    finally:
+        result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
+    except BaseException:
         distributed.finish()
+        raise
+    distributed.finish(together=True)
+    return result
 
 
 def _run_checked(o: QuantizeOptions, c: _Checked, started: float) -> dict:
