@@ -122,7 +122,7 @@ def _graphed(b: Block, cfg: QuantConfig, loop: Loop) -> BlockOut:
         dev = b.W.device
         static = Block(W=torch.zeros(rows, count, device=dev), Hinv=torch.eye(count, device=dev),
                        scale=torch.ones(rows, device=dev), zero=torch.zeros(rows, device=dev), gs_in=b.gs_in,
-                       n_in=b.n_in)
+                       n_in=b.n_in, clip_weight=None if b.clip_weight is None else torch.ones(count, device=dev))
         out = BlockOut.zeros(static)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -138,6 +138,8 @@ def _graphed(b: Block, cfg: QuantConfig, loop: Loop) -> BlockOut:
     static.Hinv.copy_(b.Hinv)
     static.scale.copy_(b.scale)
     static.zero.copy_(b.zero)
+    if b.clip_weight is not None:
+        static.clip_weight.copy_(b.clip_weight)
     graph.replay()
     return out.clone()
 
@@ -194,10 +196,11 @@ def triton_block(b: Block, cfg: QuantConfig) -> BlockOut:
     BC = triton.next_power_of_2(count)
     BR = max(1, min(TRITON_MAX_ROW_TILE, TRITON_ROW_TILE_ELEMENTS // BC))
     grid = (triton.cdiv(rows, BR),)
+    weighted = b.clip_weight is not None
     _block_kernel[grid](
         W1, b.Hinv.contiguous(), out.Q, out.Err, out.Losses, out.S, out.Z, b.scale.contiguous(), b.zero.contiguous(),
-        rows, count, b.n_in,
-        BR=BR, BC=BC, GS=b.gs_in, MAXQ=cfg.maxq, SYM=cfg.sym, MINZ=cfg.min_zero, MSE=cfg.mse,
+        b.clip_weight.contiguous() if weighted else W1, rows, count, b.n_in,
+        BR=BR, BC=BC, GS=b.gs_in, MAXQ=cfg.maxq, SYM=cfg.sym, MINZ=cfg.min_zero, MSE=cfg.mse, WEIGHTED=weighted,
         MSE_STEPS=cfg.mse_steps, MSE_STEP=cfg.mse_step, FP16_TINY=FP16.tiny, FP16_MAX=FP16.max,
         num_warps=4,
     )
@@ -231,15 +234,18 @@ if triton is not None:
         return scale, zero
 
     @triton.jit
-    def _group_err(W, inside, scale, zero, MAXQ: tl.constexpr):
+    def _group_err(W, inside, cw, scale, zero, MAXQ: tl.constexpr, WEIGHTED: tl.constexpr):
         q = tl.minimum(tl.maximum(_round(tl.math.div_rn(W, scale[:, None])) + zero[:, None], 0.0), MAXQ * 1.0)
         d = scale[:, None] * (q - zero[:, None]) - W
-        return tl.sum(tl.where(inside, d * d, 0.0), axis=1)
+        e = d * d
+        if WEIGHTED:
+            e = e * cw[None, :]
+        return tl.sum(tl.where(inside, e, 0.0), axis=1)
 
     @triton.jit
-    def _find_params(W, inside, MAXQ: tl.constexpr, SYM: tl.constexpr, MINZ: tl.constexpr, MSE: tl.constexpr,
-                     MSE_STEPS: tl.constexpr, MSE_STEP: tl.constexpr, FP16_TINY: tl.constexpr,
-                     FP16_MAX: tl.constexpr):
+    def _find_params(W, inside, cw, MAXQ: tl.constexpr, SYM: tl.constexpr, MINZ: tl.constexpr, MSE: tl.constexpr,
+                     MSE_STEPS: tl.constexpr, MSE_STEP: tl.constexpr, WEIGHTED: tl.constexpr,
+                     FP16_TINY: tl.constexpr, FP16_MAX: tl.constexpr):
         xmin = tl.minimum(tl.min(tl.where(inside, W, float("inf")), axis=1), 0.0)
         xmax = tl.maximum(tl.max(tl.where(inside, W, float("-inf")), axis=1), 0.0)
         if SYM:
@@ -250,11 +256,11 @@ if triton is not None:
         xmax = tl.where(both_zero, 1.0, xmax)
         scale, zero = _params(xmin, xmax, MAXQ, SYM, MINZ, FP16_TINY, FP16_MAX)
         if MSE:
-            best = _group_err(W, inside, scale, zero, MAXQ)
+            best = _group_err(W, inside, cw, scale, zero, MAXQ, WEIGHTED)
             for k in tl.static_range(1, MSE_STEPS + 1):
                 shrink = 1.0 - MSE_STEP * k  # gptq.QuantConfig.mse_shrinks
                 s, z = _params(xmin * shrink, xmax * shrink, MAXQ, SYM, MINZ, FP16_TINY, FP16_MAX)
-                err = _group_err(W, inside, s, z, MAXQ)
+                err = _group_err(W, inside, cw, s, z, MAXQ, WEIGHTED)
                 better = err < best
                 best = tl.where(better, err, best)
                 scale = tl.where(better, s, scale)
@@ -262,11 +268,12 @@ if triton is not None:
         return scale, zero
 
     @triton.jit
-    def _block_kernel(W_ptr, Hinv_ptr, Q_ptr, Err_ptr, Loss_ptr, S_ptr, Z_ptr, scale_ptr, zero_ptr,
+    def _block_kernel(W_ptr, Hinv_ptr, Q_ptr, Err_ptr, Loss_ptr, S_ptr, Z_ptr, scale_ptr, zero_ptr, CW_ptr,
                       rows, count, n_in,
                       BR: tl.constexpr, BC: tl.constexpr, GS: tl.constexpr, MAXQ: tl.constexpr,
-                      SYM: tl.constexpr, MINZ: tl.constexpr, MSE: tl.constexpr, MSE_STEPS: tl.constexpr,
-                      MSE_STEP: tl.constexpr, FP16_TINY: tl.constexpr, FP16_MAX: tl.constexpr):
+                      SYM: tl.constexpr, MINZ: tl.constexpr, MSE: tl.constexpr, WEIGHTED: tl.constexpr,
+                      MSE_STEPS: tl.constexpr, MSE_STEP: tl.constexpr, FP16_TINY: tl.constexpr,
+                      FP16_MAX: tl.constexpr):
         # (A kernel's launch signature: pointers and compile-time constants, no dataclass.)
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         c = tl.arange(0, BC)
@@ -277,12 +284,15 @@ if triton is not None:
         W = tl.load(W_ptr + tile, mask=m2, other=0.0)
         scale = tl.load(scale_ptr + r, mask=rmask, other=1.0)
         zero = tl.load(zero_ptr + r, mask=rmask, other=0.0)
+        cw = tl.zeros([BC], dtype=tl.float32)  # the clipping search's column weights, when WEIGHTED
+        if WEIGHTED:
+            cw = tl.load(CW_ptr + c, mask=cmask, other=0.0)
         for i in range(count):
             if GS > 0:
                 if i % GS == 0:
                     inside = ((c >= i) & (c < i + GS) & cmask)[None, :]
-                    scale, zero = _find_params(W, inside, MAXQ, SYM, MINZ, MSE, MSE_STEPS, MSE_STEP, FP16_TINY,
-                                               FP16_MAX)
+                    scale, zero = _find_params(W, inside, cw, MAXQ, SYM, MINZ, MSE, MSE_STEPS, MSE_STEP, WEIGHTED,
+                                               FP16_TINY, FP16_MAX)
                     tl.store(S_ptr + (i // GS) * rows + r, scale, mask=rmask)
                     tl.store(Z_ptr + (i // GS) * rows + r, zero, mask=rmask)
             w = tl.sum(tl.where(c[None, :] == i, W, 0.0), axis=1)

@@ -37,6 +37,10 @@ class QuantConfig:
     desc_act: bool = False
     static_groups: bool = False
     mse: bool = True  # search a clipping range per group that minimises the squared error
+    clip_weight: str = "uniform"  # the search's error per column: uniform, or weighted (CLIP_WEIGHTS)
+    act_group_aware: bool = False  # groups in order of importance, columns by importance inside each
+    gptaq: bool = False  # fit the full-precision model's outputs, not the quantized inputs' (asymmetric_target)
+    gptaq_alpha: float = 0.5  # how far toward that target (1: all the way; 0.25, 0.5, 1 measured)
     min_zero: int = 0  # the smallest zero point the checkpoint format can store (asym)
     blocksize: int = 128  # columns per lazy-batch block
     mse_steps: int = 10  # the clipping search tries the min-max range shrunk by
@@ -52,6 +56,12 @@ class QuantConfig:
 
 
 SOLVER_SETTINGS = tuple(f.name for f in fields(QuantConfig))
+
+# How the clipping search weighs a column's squared error. uniform: as is. activation:
+# by E[x²] of its input, H's diagonal (llm-compressor's imatrix_mse observer). loss: by
+# 1/U_cc², U the Cholesky factor of H⁻¹ the solve uses — exactly the weight of the
+# column's error in GPTQ's own loss, the rest of the row compensating for it.
+CLIP_WEIGHTS = ("uniform", "activation", "loss")
 
 
 @dataclass
@@ -132,13 +142,49 @@ class Hessian:
         return self.products().mul_(2.0 / self.count)
 
 
+class CrossProducts:
+    """D = 2/n · (X - X̃)ᵀX̃ for GPTAQ: X a Linear's inputs in the full-precision model, X̃
+    the same tokens' inputs in the model being quantized (rows paired), in float32."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.D = torch.zeros(n, n, device=device, dtype=torch.float32)
+
+    def add(self, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        x = x.float()
+        fastpath.hessian_addmm(self.D, x_fp.float() - x, x)
+
+    def finish(self, count: int) -> torch.Tensor:
+        """Scaled as Hessian.finish scales H over the same `count` rows (call once)."""
+        return self.D.mul_(2.0 / count)
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_percent: float,
+                      alpha: float) -> torch.Tensor:
+    """GPTAQ's target (Li et al., 2025, "asymmetric calibration"): the weight whose outputs on
+    the quantized model's inputs X̃ best match the full-precision model's, W·XᵀX̃·(X̃ᵀX̃)⁻¹
+    = W + W·D·H⁻¹. ‖Q X̃ᵀ − W Xᵀ‖² is ‖(Q − W*) X̃ᵀ‖² plus a constant, so GPTQ run on W* with
+    H minimises the error against the full-precision outputs, correcting what the layers
+    before have already lost. Moved alpha of the way (H dampened as the solve dampens it);
+    unchanged if that H has no Cholesky factor (the solve then reports it)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp_percent * Hd.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd
+    if info.item() != 0:
+        return W
+    shift = torch.cholesky_solve(D.T @ W.T, L).T
+    return W + alpha * shift if torch.isfinite(shift).all() else W
+
+
 # --------------------------------------------------------------------------- the quantization grid
 
 
-def find_params(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(x: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (float32 [rows] each) for each row of x [rows, n].
 
-    Min-max, or with cfg.mse the shrunk range with the least squared error. Scales are
+    Min-max, or with cfg.mse the shrunk range with the least squared error (each column's
+    error times weight [n], when given). Scales are
     rounded to float16, the precision a checkpoint stores them in, so that what we
     quantize against is exactly what a loader dequantizes with. Asymmetric zero points
     stay >= cfg.min_zero: a range that would want a smaller one widens its scale instead.
@@ -167,10 +213,10 @@ def find_params(x: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.
     scale, zero = params(xmin, xmax)
     if cfg.mse:
         # Clipping a few outliers often lowers the total error of the group.
-        best = _group_err(x, scale, zero, maxq)
+        best = _group_err(x, scale, zero, maxq, weight)
         for shrink in cfg.mse_shrinks:
             s, z = params(xmin * shrink, xmax * shrink)
-            err = _group_err(x, s, z, maxq)
+            err = _group_err(x, s, z, maxq, weight)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)
@@ -182,9 +228,11 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=fastpath.FP16.tiny, max=fastpath.FP16.max).half().float()
 
 
-def _group_err(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def _group_err(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+               weight: torch.Tensor | None) -> torch.Tensor:
     q = quantize(x, scale[:, None], zero[:, None], maxq)
-    return (dequantize(q, scale[:, None], zero[:, None]) - x).pow(2).sum(dim=1)
+    err = (dequantize(q, scale[:, None], zero[:, None]) - x).pow(2)
+    return (err if weight is None else err * weight).sum(dim=1)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -263,6 +311,7 @@ class Block:
     gs_in: int  # the group size when groups start inside the block, else 0
     n_in: int  # how many groups start inside the block
     per_col: list | None = None  # static groups: (scale, zero) of each column
+    clip_weight: torch.Tensor | None = None  # [count] the clipping search's column weights (None: uniform)
 
 
 @dataclass
@@ -295,7 +344,7 @@ def quantize_block(b: Block, out: BlockOut, cfg: QuantConfig) -> None:
         if b.per_col is not None:
             scale, zero = b.per_col[i]
         elif b.gs_in and i % b.gs_in == 0:
-            s, z = find_params(b.W[:, i:i + b.gs_in], cfg)
+            s, z = find_params(b.W[:, i:i + b.gs_in], cfg, _part(b.clip_weight, i, i + b.gs_in))
             scale.copy_(s)
             zero.copy_(z)
             out.S[i // b.gs_in].copy_(s)
@@ -309,12 +358,14 @@ def quantize_block(b: Block, out: BlockOut, cfg: QuantConfig) -> None:
         b.W[:, i:].addr_(err, b.Hinv[i, i:], alpha=-1)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False) -> GPTQResult:
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False,
+         D: torch.Tensor | None = None) -> GPTQResult:
     """Quantize W [rows, columns] column by column, compensating each column's error
     on the columns not yet quantized, weighted by the inverse Hessian.
 
     H is [columns, columns] float32. It is not modified unless overwrite_h, which
-    saves a copy of it (the largest Hessians are over a gigabyte).
+    saves a copy of it (the largest Hessians are over a gigabyte). D (GPTAQ's cross
+    products, CrossProducts) moves the target toward the full-precision model's outputs.
     """
     rows, columns = W.shape
     gs = cfg.group_size if cfg.group_size > 0 else columns
@@ -328,24 +379,36 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     diag = torch.diag(H)
     dead = diag == 0
     H[dead, dead] = diag[~dead].mean() if bool((~dead).any()) else 1.0
+    if D is not None:
+        W = asymmetric_target(W, H, D, cfg.damp_percent, cfg.gptaq_alpha)
     W[:, dead] = 0
 
-    # Static groups: parameters from the original weights, in the original column order.
-    static = _group_params(W, gs, n_groups, cfg) if cfg.static_groups else None
-
+    imp = torch.diag(H).clone()  # each input column's importance: E[x²], up to a factor
     perm = None
     if cfg.desc_act:  # act-order: the columns with the largest inputs first
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(imp, descending=True)
+    elif cfg.act_group_aware:
+        perm = group_aware_order(imp, gs)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    # Group of each column in quantization order: groups are formed in that order,
-    # except static groups, which keep the original column order.
-    source = perm if static is not None and perm is not None else torch.arange(columns, device=W.device)
-    g_perm = (source // gs).to(torch.int32)
-    per_col = [static[g] for g in g_perm.tolist()] if static is not None else None
+        imp = imp[perm]
 
     Hinv, damp = inverse_hessian(H, cfg.damp_percent)
     del H
+    clip = _clip_weights(cfg, imp, Hinv)  # in quantization order; None: uniform
+
+    # Static groups: parameters from the original weights, in the original column order.
+    static = None
+    if cfg.static_groups:
+        back = torch.argsort(perm) if perm is not None else slice(None)
+        static = _group_params(W[:, back], gs, n_groups, cfg, clip[back] if clip is not None else None)
+    # Group of each column in quantization order: groups are formed in that order
+    # (act-order), except static groups and group-aware order, which keep the original ones.
+    keep = perm is not None and (static is not None or cfg.act_group_aware)
+    source = perm if keep else torch.arange(columns, device=W.device)
+    g_perm = (source // gs).to(torch.int32)
+    per_col = [static[g] for g in g_perm.tolist()] if static is not None else None
 
     Q = torch.zeros_like(W)
     Losses = torch.zeros_like(W)
@@ -360,12 +423,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
         if static is None and not gs_in and i1 % gs == 0:
             # A group larger than the block starts here: its parameters come from the
             # current (error-compensated) block and the not yet updated rest of the group.
-            scale, zero = find_params(W[:, i1:i1 + gs].contiguous(), cfg)
+            scale, zero = find_params(W[:, i1:i1 + gs].contiguous(), cfg, _part(clip, i1, i1 + gs))
             scales.append(scale)
             zeros.append(zero)
         block = Block(W=W[:, i1:i2].clone(), Hinv=Hinv[i1:i2, i1:i2], scale=scale, zero=zero, gs_in=gs_in,
                       n_in=math.ceil((i2 - i1) / gs_in) if gs_in else 0,
-                      per_col=per_col[i1:i2] if per_col is not None else None)
+                      per_col=per_col[i1:i2] if per_col is not None else None, clip_weight=_part(clip, i1, i2))
         out = solve_block(block)
         if gs_in and static is None:
             scales.extend(out.S)
@@ -380,6 +443,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     else:
         scale_t = torch.stack(scales)
         zero_t = torch.stack(zeros)
+        if cfg.act_group_aware and perm is not None:  # formed in importance order: back to group order
+            order = g_perm[::gs].long()
+            scale_t = torch.empty_like(scale_t).index_copy_(0, order, scale_t)
+            zero_t = torch.empty_like(zero_t).index_copy_(0, order, zero_t)
     g_idx = g_perm
     if perm is not None:
         invperm = torch.argsort(perm)
@@ -390,9 +457,36 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
                       weight=weight, losses=Losses.sum(dim=1), damp=damp)
 
 
-def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig) -> list:
+def group_aware_order(imp: torch.Tensor, gs: int) -> torch.Tensor:
+    """A column order that keeps groups whole (GPTQModel's group-aware act-order, llm-
+    compressor's static actorder): groups by their most important column, descending, and
+    inside each group its columns by importance. A last, partial group stays last, so that
+    every group is gs consecutive columns of the order and g_idx stays column // gs."""
+    full = imp.numel() // gs * gs
+    groups = imp[:full].view(-1, gs)
+    inside = torch.argsort(groups, dim=1, descending=True, stable=True)
+    order = torch.argsort(groups.amax(dim=1), descending=True, stable=True)
+    starts = torch.arange(0, full, gs, device=imp.device)[:, None]
+    tail = full + torch.argsort(imp[full:], descending=True, stable=True)
+    return torch.cat([(inside + starts)[order].flatten(), tail])
+
+
+def _clip_weights(cfg: QuantConfig, imp: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor | None:
+    """The clipping search's column weights (CLIP_WEIGHTS), scaled to mean 1; None: uniform."""
+    if not cfg.mse or cfg.clip_weight == "uniform":
+        return None
+    w = imp if cfg.clip_weight == "activation" else Hinv.diagonal().pow(-2)
+    return (w / w.mean()).contiguous()
+
+
+def _part(t: torch.Tensor | None, i1: int, i2: int) -> torch.Tensor | None:
+    return None if t is None else t[i1:i2]
+
+
+def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig,
+                  weight: torch.Tensor | None = None) -> list:
     """(scale, zero) of each group of `gs` columns of W, from W as it is."""
-    return [find_params(W[:, g * gs:(g + 1) * gs], cfg) for g in range(n_groups)]
+    return [find_params(W[:, g * gs:(g + 1) * gs], cfg, _part(weight, g * gs, (g + 1) * gs)) for g in range(n_groups)]
 
 
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:

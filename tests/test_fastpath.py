@@ -28,20 +28,23 @@ SCRIPT = textwrap.dedent("""
 
     out = []
     g = torch.Generator().manual_seed(0)
-    for rows, cols, bits, gs, sym, mse in [(40, 256, 4, 128, True, True), (24, 256, 3, 32, True, False),
-                                           (16, 512, 4, 256, False, True), (20, 384, 8, -1, True, False),
-                                           (8, 128, 2, 64, False, False)]:
+    for rows, cols, bits, gs, sym, mse, clip, gar in [
+            (40, 256, 4, 128, True, True, "uniform", False), (24, 256, 3, 32, True, False, "uniform", False),
+            (16, 512, 4, 256, False, True, "activation", False), (20, 384, 8, -1, True, False, "uniform", False),
+            (8, 128, 2, 64, False, False, "uniform", False), (24, 256, 3, 64, True, True, "loss", True),
+            (16, 256, 4, 128, False, True, "activation", True)]:
         W = torch.randn(rows, cols, generator=g)
-        X = torch.randn(2 * cols, cols, generator=g) * torch.linspace(0.1, 3, cols)
+        X = torch.randn(2 * cols, cols, generator=g) * torch.linspace(0.1, 3, cols)[torch.randperm(cols, generator=g)]
         H = 2 * X.T @ X / X.shape[0]
-        cfg = G.QuantConfig(bits=bits, group_size=gs, sym=sym, mse=mse, min_zero=1)
+        cfg = G.QuantConfig(bits=bits, group_size=gs, sym=sym, mse=mse, min_zero=1, clip_weight=clip,
+                            act_group_aware=gar)
         before = calls["n"]
         a = G.gptq(W, H, cfg)
         after = calls["n"]
         os.environ["QWEN_GPTQ_TRITON"] = "0"
         b = G.gptq(W, H, cfg)
         os.environ["QWEN_GPTQ_TRITON"] = "1"
-        out.append({"case": [rows, cols, bits, gs, sym, mse], "kernel_used": after > before,
+        out.append({"case": [rows, cols, bits, gs, sym, mse, clip, gar], "kernel_used": after > before,
                     "loop_used_kernel": calls["n"] > after,
                     "codes": torch.equal(a.Q, b.Q), "scales": torch.equal(a.scale, b.scale), "zeros": torch.equal(a.zero, b.zero),
                     "loss_rel": abs(a.losses.sum().item() / b.losses.sum().item() - 1)})

@@ -100,3 +100,60 @@ def test_dead_inputs_do_not_change_the_dampening():
     assert padded.damp == plain.damp
     assert (padded.Q[:, :256] == plain.Q).float().mean() > 0.999
     torch.testing.assert_close(padded.losses, plain.losses, rtol=1e-4, atol=1e-6)
+
+
+def test_group_aware_order_keeps_g_idx_in_order_and_scales_with_their_groups():
+    """--act-group-aware: groups are solved in importance order, yet g_idx stays column // gs
+    (no loader permutes anything) and each group's scale is the one its codes were made with."""
+    W, X, H = _problem(2, in_f=320)  # 320 = 2 full groups of 128 and a partial one of 64
+    perm = torch.randperm(320, generator=torch.Generator().manual_seed(0))
+    H = H[perm][:, perm]  # importance no longer grows with the column index
+    cfg = QuantConfig(group_size=128, act_group_aware=True)
+    res = gptq(W, H, cfg)
+    assert torch.equal(res.g_idx.long(), torch.arange(320) // 128)
+    g = res.g_idx.long()
+    assert torch.equal(res.scale[g].T * (res.Q.float() - res.zero[g].T.float()), res.weight)
+    # the solve order really differed from the natural one
+    assert not torch.equal(res.Q, gptq(W, H, QuantConfig(group_size=128)).Q)
+    # static groups keep theirs too, in the same (original) group order
+    static = gptq(W, H, QuantConfig(group_size=128, act_group_aware=True, static_groups=True))
+    assert torch.equal(static.g_idx.long(), torch.arange(320) // 128)
+
+
+def test_weighted_clipping_lowers_the_weighted_error_it_searches():
+    """find_params with column weights minimises the weighted error: it is never above the
+    unweighted choice's weighted error, and below it somewhere when weights are skewed."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 128, generator=g) * torch.linspace(0.2, 2, 128)
+    w = torch.rand(128, generator=g) ** 4 * 10
+    cfg = QuantConfig(bits=3, group_size=128)
+
+    def err(scale, zero):
+        q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, cfg.maxq)
+        return ((scale[:, None] * (q - zero[:, None]) - x) ** 2 * w).sum(1)
+
+    weighted, plain = err(*find_params(x, cfg, w)), err(*find_params(x, cfg))
+    assert (weighted <= plain + 1e-5).all()
+    assert (weighted < plain - 1e-5).any()
+
+
+def test_gptaq_target_is_the_least_squares_fit_to_full_precision_outputs():
+    """asymmetric_target with alpha 1: W* X̃ᵀ is the best fit of W Xᵀ (X full-precision inputs,
+    X̃ the quantized model's): the normal equations hold, up to the dampening."""
+    from qwen_gptq.gptq import CrossProducts, Hessian, asymmetric_target
+
+    W, X, _ = _problem(4, in_f=64, n=4096)
+    Xq = X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(5))  # an earlier layer's error
+    h, d = Hessian(64, torch.device("cpu")), CrossProducts(64, torch.device("cpu"))
+    h.add(Xq)
+    d.add(X, Xq)
+    D = d.finish(h.count)
+    H = h.finish()
+    target = asymmetric_target(W, H, D, damp_percent=1e-6, alpha=1.0)
+    lstsq = torch.linalg.lstsq(Xq.double(), (X.double() @ W.double().T)).solution.T
+    assert torch.allclose(target.double(), lstsq, atol=1e-3, rtol=1e-3)
+    assert torch.equal(asymmetric_target(W, H, D, 0.01, alpha=0.0), W)
+    # and GPTQ toward it fits the full-precision outputs better than GPTQ toward W
+    cfg = QuantConfig(bits=4, group_size=32, gptaq_alpha=1.0)
+    err = lambda Wq: ((Xq @ Wq.T - X @ W.T) ** 2).mean().item()  # noqa: E731
+    assert err(gptq(W, H, cfg, D=D).weight) < 0.9 * err(gptq(W, H, cfg).weight)
