@@ -19,7 +19,7 @@ import torch
 
 from . import gptq_v1
 from .errors import BadInput
-from .gptq import QuantConfig
+from .gptq import CLIP_WEIGHTS, QuantConfig
 
 DTYPES = ("float16", "bfloat16")  # of the tensors left unquantized
 
@@ -49,6 +49,17 @@ SOLVER_FLAGS = MappingProxyType({
     "static_groups": Flag("fix group parameters before the solve"),
     "mse": Flag("per group, search a clipping range minimising the quantization error (--no-mse: plain min-max "
                 "scales)", negative="--no-mse"),
+    "clip_weight": Flag("how the clipping search weighs each column's error: uniform; activation (by its inputs' "
+                        "mean square, llm-compressor's imatrix); loss (by its weight in GPTQ's loss)",
+                        choices=CLIP_WEIGHTS),
+    "act_group_aware": Flag("quantize groups in order of importance, and columns by importance inside each "
+                            "(GPTQModel's act_group_aware): act-order's gain with g_idx left in order, so no "
+                            "loader pays for a permutation (--no-act-group-aware: off)",
+                            negative="--no-act-group-aware"),
+    "gptaq": Flag("GPTAQ: fit each Linear to the full-precision model's outputs, so that it also corrects the "
+                  "error of the layers before (runs a full-precision copy of each layer beside it: more time and "
+                  "activation memory; one process only)"),
+    "gptaq_alpha": Flag("with --gptaq, how far toward its target (0-1)", metavar="F"),
 })
 
 
@@ -110,6 +121,15 @@ class QuantizeOptions:
             raise BadInput(f"--group-size {q.group_size}: use -1 (per-channel) or a positive integer")
         if not 0 < q.damp_percent <= 1:
             raise BadInput(f"--damp-percent {q.damp_percent} must be in (0, 1]")
+        if q.clip_weight not in CLIP_WEIGHTS:
+            raise BadInput(f"--clip-weight {q.clip_weight}: use {', '.join(CLIP_WEIGHTS)}")
+        if q.desc_act and q.act_group_aware:
+            raise BadInput("--desc-act and --act-group-aware are two column orders: choose one "
+                           "(--no-act-group-aware with --desc-act)")
+        if not 0 <= q.gptaq_alpha <= 1:
+            raise BadInput(f"--gptaq-alpha {q.gptaq_alpha} must be in [0, 1]")
+        if q.gptaq and self.gpus not in (None, "1"):
+            raise BadInput("--gptaq runs in one process for now: leave out --gpus")
         if q.static_groups and q.group_size == -1:
             raise BadInput("--static-groups needs a group size (not --group-size -1)")
         if self.max_len < 1:
@@ -149,7 +169,8 @@ class QuantizeOptions:
         q = self.quant
         return {"method": q.method, "bits": q.bits, "group_size": q.group_size, "sym": q.sym, "damp_percent": q.damp_percent,
                 "desc_act": q.desc_act, "static_groups": q.static_groups, "true_sequential": self.true_sequential,
-                "mse": q.mse}
+                "mse": q.mse, "clip_weight": q.clip_weight, "act_group_aware": q.act_group_aware,
+                "gptaq": q.gptaq, "gptaq_alpha": q.gptaq_alpha}
 
 
 @dataclass(frozen=True)

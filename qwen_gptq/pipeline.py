@@ -15,12 +15,15 @@ activations live, and how a pass avoids recomputing what it already has, is runt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -30,11 +33,12 @@ from . import distributed, fastpath, gptq_v1, runtime
 from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
-from .gptq import CholeskyFailed, GPTQResult, Hessian, QuantConfig, gptq, rtn
+from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, gptq, rtn
 from .resume import WorkDir
 from .runtime import LayerForwards, LayerInputs, Mover, StopForward, Weights
 
 log = logging.getLogger("qwen_gptq")
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,6 +87,69 @@ class _Run:
     memo_bytes: int  # memory for memoized outputs of quantized modules
     mover: Mover
     outcome: Outcome
+    # GPTAQ: per batch, the current layer's input hidden states in the full-precision model
+    fp_hidden: list[torch.Tensor] | None = None
+    degraded: list[str] = field(default_factory=list)  # what out-of-memory retries have given up so far
+
+
+# --------------------------------------------------------------------------- out of GPU memory
+#
+# A step that runs out of GPU memory is retried after giving something up, one rung at a
+# time, each said in the log: first the activations move to host memory (they are the
+# largest thing kept on the GPU between steps), then the cached CUDA graphs and allocator
+# blocks go. Only when nothing is left to give up does the run stop (exit 1), naming the
+# layer, the memory figures and the flags that would help; the finished layers stay in the
+# work directory, so the same command continues from there. A retried step gives the
+# very same result: it recomputes from inputs it did not modify.
+
+
+def _retrying(run: _Run, i: int, what: str, step: Callable[[], T]) -> T:
+    plain_retry = run.plan.group.size == 1  # one retry with nothing more given up (a passing peak)
+    while True:
+        try:
+            return step()
+        except torch.OutOfMemoryError as e:
+            reason = str(e).splitlines()[0] if str(e) else "out of memory"
+        # (outside the except block: the failed attempt's frames, and their tensors, are gone)
+        if _give_up_something(run, i, what):
+            continue
+        if plain_retry:
+            plain_retry = False
+            runtime.release_cached_memory(run.plan.device)
+            log.warning("layer %d: out of GPU memory while %s; retrying once more (%s)", i, what,
+                        runtime.gpu_memory_figures(run.plan.device))
+            continue
+        given_up = "; ".join(run.degraded + ["a retry"]) if run.plan.group.size == 1 else "nothing (several processes)"
+        raise QuantizationFailed(
+            f"layer {i}: the GPU ran out of memory while {what} ({reason}), even after {given_up}. "
+            f"Memory: {runtime.gpu_memory_figures(run.plan.device)}. Fewer or shorter calibration samples "
+            "(--num-samples, --max_len), --batch-size 1, or a GPU with more memory would help; the finished layers "
+            f"are kept, so the same command continues from layer {i}") from None
+
+
+def _give_up_something(run: _Run, i: int, what: str) -> bool:
+    """The next rung of the ladder; False when none is left (or when several processes
+    run: the others are already waiting in the step's collectives)."""
+    if run.plan.group.size > 1:
+        return False
+    if run.store.type != "cpu" and "activations moved to host memory" not in run.degraded:
+        cpu = torch.device("cpu")
+        for x in run.inputs:
+            x.hidden = x.hidden.to(cpu)
+        if run.fp_hidden is not None:
+            run.fp_hidden = [h.to(cpu) for h in run.fp_hidden]
+        run.store = cpu
+        step = "activations moved to host memory"
+    elif "cached GPU memory released" not in run.degraded:
+        fastpath.clear_caches()
+        step = "cached GPU memory released"
+    else:
+        return False
+    run.degraded.append(step)
+    runtime.release_cached_memory(run.plan.device)
+    log.warning("layer %d: out of GPU memory while %s; %s, retrying (%s)", i, what, step,
+                runtime.gpu_memory_figures(run.plan.device))
+    return True
 
 
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibration) -> list[LayerInputs]:
@@ -133,14 +200,15 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     t0 = time.perf_counter()
     with torch.no_grad():
         inputs = capture_inputs(model, layers, calibration)
-    store = runtime.activation_device(inputs, plan.device, layers[0], cdtype)
+    store = runtime.activation_device(inputs, plan.device, layers[0], cdtype, 2 if plan.cfg.gptaq else 1)
     for x in inputs:
         x.place(plan.device, store, cdtype)
     t["capture"] += time.perf_counter() - t0
     log.info("captured %d batch(es), %d tokens; activations kept on %s", len(inputs), calibration.tokens, store)
 
     memo = runtime.memo_budget(plan.device) if plan.memo_bytes is None else plan.memo_bytes
-    run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights), outcome)
+    run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights), outcome,
+               [x.hidden for x in inputs] if plan.cfg.gptaq else None)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
         log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
@@ -194,17 +262,38 @@ def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | 
     t0 = time.perf_counter()
     with torch.no_grad():
         for j, x in enumerate(run.inputs):
-            if forwards is not None:
-                forwards.batch(j)
-            x.hidden = runtime.run_layer(layer, i, x, run.plan.device).to(run.store)
+            def step(j=j, x=x):
+                if forwards is not None:
+                    forwards.batch(j)
+                return runtime.run_layer(layer, i, x, run.plan.device).to(run.store)
+
+            x.hidden = _retrying(run, i, "computing the next layer's inputs", step)
     runtime.sync(run.plan.device)
     run.outcome.timings["forward"] += time.perf_counter() - t0
+
+
+def _forward_full_precision(run: _Run, i: int, fp_layer: nn.Module) -> None:
+    """GPTAQ: the next layer's inputs in the full-precision model."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for j in range(len(run.inputs)):
+            run.fp_hidden[j] = _retrying(run, i, "computing the next layer's full-precision inputs", lambda j=j: (
+                runtime.run_layer(fp_layer, i, _fp_inputs(run, j), run.plan.device).to(run.store)))
+    runtime.sync(run.plan.device)
+    run.outcome.timings["forward"] += time.perf_counter() - t0
+
+
+def _fp_inputs(run: _Run, j: int) -> LayerInputs:
+    x = run.inputs[j]
+    return LayerInputs(run.fp_hidden[j], x.calls, x.valid)
 
 
 def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | None) -> None:
     """A layer an interrupted run finished: its weights from the saved packed tensors
     (they dequantize to exactly what the solver wrote back), then its outputs."""
     start = _arrive(run, layer, next_layer)
+    if run.fp_hidden is not None and next_layer is not None:
+        _forward_full_precision(run, i, layer)  # before its weights are replaced
     prefix = f"{run.family.layers}.{i}."
     for full, tensors in run.plan.work.packed(i).items():
         w = layer.get_submodule(full[len(prefix):]).weight
@@ -239,19 +328,28 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     groups = layer_groups(layer, run.family)
     if not run.plan.true_sequential:
         groups = [[n for g in groups for n in g]]
+    fp_layer = copy.deepcopy(layer) if run.fp_hidden is not None else None  # GPTAQ's reference
     forwards = LayerForwards(layer, groups, run.memo_bytes)
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
-            measured = _GroupInputs(modules) if run.plan.cfg.method == "rtn" else _measure(run, i, layer, forwards,
-                                                                                               modules)
-            _solve(run, i, modules, measured)
+            done: set[str] = set()  # solved and written back (a retry leaves them)
+
+            def step():
+                rtn_only = run.plan.cfg.method == "rtn"
+                measured = _GroupInputs(modules) if rtn_only else _measure(run, i, layer, forwards, modules, fp_layer)
+                _solve(run, i, modules, measured, done)
+
+            _retrying(run, i, f"quantizing {', '.join(names)}", step)
             forwards.quantized(names)
         forwards.last_pass()
         if next_layer is not None:  # the last layer's outputs feed nothing
+            if fp_layer is not None:
+                _forward_full_precision(run, i, fp_layer)
             _forward_all(run, i, layer, forwards)
     finally:
         forwards.remove()
+        del fp_layer
     if run.plan.work is not None and run.plan.group.main:
         _save_layer(run, i, layer)
     _leave(run, layer, start)
@@ -267,6 +365,12 @@ class _GroupInputs:
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
         self.hessians: dict[str, Hessian] = {}
+        # GPTAQ: each Linear's input in the full-precision model for the current batch, and
+        # the cross products accumulated from them (dropped for a Linear whose rows do not
+        # pair up: an MoE expert routed other tokens in the two models)
+        self.fp: dict[str, torch.Tensor] | None = None
+        self.cross: dict[str, CrossProducts] = {}
+        self.unpaired: set[str] = set()
         self.owner: dict[str, str] = {}  # module -> module whose Hessian it shares
         self.first_batch = True
         self.valid: torch.Tensor | None = None
@@ -295,18 +399,69 @@ class _GroupInputs:
                 if name not in self.hessians:
                     self.hessians[name] = Hessian(x2.shape[1], x2.device)
                 self.hessians[name].add(x2)
+            if self.fp is not None:
+                self._pair(name, x2)
         self.fired.add(name)
         if len(self.fired) == len(self.modules):
             raise StopForward()
 
 
+    def _pair(self, name: str, x2: torch.Tensor) -> None:
+        if name in self.unpaired:
+            return
+        xf = self.fp.get(name)
+        if xf is not None:
+            xf = xf.reshape(-1, x2.shape[-1])
+            if self.valid is not None and xf.shape[0] == self.valid.shape[0]:
+                xf = xf[self.valid]
+        if xf is None or xf.shape != x2.shape:
+            self.unpaired.add(name)
+            self.cross.pop(name, None)
+            return
+        if name not in self.cross:
+            self.cross[name] = CrossProducts(x2.shape[1], x2.device)
+        self.cross[name].add(xf, x2)
+
+    def cross_products(self, lead: str) -> torch.Tensor | None:
+        """GPTAQ's D for the lead's Hessian, scaled alike; None without one."""
+        cross, h = self.cross.pop(lead, None), self.hessians.get(lead)
+        return cross.finish(h.count) if cross is not None and h is not None and h.count else None
+
+
+def _capture_fp(fp_layer: nn.Module, i: int, names: list[str], x: LayerInputs, device: torch.device
+                ) -> dict[str, torch.Tensor]:
+    """GPTAQ: the inputs of the named Linears in the full-precision copy of the layer, for one
+    batch (the pass stops once all have been seen)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(_module, args):
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise StopForward()
+        return pre
+
+    handles = [fp_layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        runtime.run_layer(fp_layer, i, x, device)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
-             modules: dict[str, nn.Module]) -> _GroupInputs:
-    """Run the layer over every batch until the group's Linears have seen their inputs."""
+             modules: dict[str, nn.Module], fp_layer: nn.Module | None = None) -> _GroupInputs:
+    """Run the layer over every batch until the group's Linears have seen their inputs
+    (GPTAQ: first the full-precision copy of the layer, on the full-precision inputs)."""
     t0 = time.perf_counter()
     group = _GroupInputs(modules)
     with torch.no_grad(), forwards.measuring(modules, group):
         for j, x in enumerate(run.inputs):
+            if fp_layer is not None:
+                group.fp = _capture_fp(fp_layer, i, list(modules), _fp_inputs(run, j), run.plan.device)
             forwards.batch(j)
             group.start_batch(x.valid)
             try:
@@ -319,22 +474,25 @@ def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
     return group
 
 
-def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs) -> None:
+def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs, done: set[str]) -> None:
     """One stacked GPTQ problem per distinct Hessian (spread over the ranks when there are
-    several); weights written back, packed tensors fetched (by rank 0, which writes)."""
+    several); weights written back, packed tensors fetched (by rank 0, which writes). Leads
+    in `done` (solved before a retry) are left as they are; each solved lead joins it."""
     t, cfg, device, ranks = run.outcome.timings, run.plan.cfg, run.plan.device, run.plan.group
     owner = distributed.agree(ranks, group.owner)
-    leads = [n for n in modules if n not in owner]
+    leads = [n for n in modules if n not in owner and n not in done]
     members = {lead: [lead] + [n for n in modules if owner.get(n) == lead] for lead in leads}
+    cross = {lead: group.cross_products(lead) for lead in leads}  # GPTAQ; None otherwise
     problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None))
                 for lead in leads]
     group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
+    group.cross.clear()
 
     def solve(lead: str, W: torch.Tensor, H: torch.Tensor | None) -> GPTQResult:
         if H is None:
             return rtn(W, cfg)
         try:
-            res = gptq(W, H, cfg, overwrite_h=True)
+            res = gptq(W, H, cfg, overwrite_h=True, D=cross.pop(lead, None))
         except CholeskyFailed as e:
             raise QuantizationFailed(f"layer {i} {lead}: {e}") from None
         if not torch.isfinite(res.weight).all():
@@ -351,20 +509,24 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         elapsed = time.perf_counter() - t0
         t["solve"] += elapsed
         t0 = time.perf_counter()
-        row = 0
+        rows, row = {}, 0
         for n in members[lead]:
+            rows[n] = slice(row, row + modules[n].weight.shape[0])
+            row = rows[n].stop
+        # Everything that allocates first, then the write-back: a lead is written whole or not at all.
+        packed = {n: gptq_v1.pack_linear(res.Q[sl], res.scale[:, sl], res.zero[:, sl], res.g_idx, cfg.bits)
+                  for n, sl in rows.items()} if ranks.main else {}
+        for n, sl in rows.items():
             w = modules[n].weight
-            sl = slice(row, row + w.shape[0])
             w.data.copy_(res.weight[sl].to(w.dtype))
             if ranks.main:
-                packed = gptq_v1.pack_linear(res.Q[sl], res.scale[:, sl], res.zero[:, sl], res.g_idx, cfg.bits)
-                run.mover.fetch(packed, run.outcome.packed, f"{run.family.layers}.{i}.{n}")
+                run.mover.fetch(packed[n], run.outcome.packed, f"{run.family.layers}.{i}.{n}")
             loss = res.losses[sl].sum().item()
             share = elapsed * w.shape[0] / res.weight.shape[0]
             run.outcome.stats.append(ModuleStat(i, n, loss, res.damp, share, n_tok, method))
             log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, res.damp)
-            row += w.shape[0]
-        del res
+        done.add(lead)
+        del res, packed
         runtime.sync(device)
         t["pack"] += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -158,15 +158,34 @@ def run_layer(layer: nn.Module, i: int, x: LayerInputs, device: torch.device) ->
 
 
 def activation_device(inputs: list[LayerInputs], device: torch.device, layer: nn.Module,
-                      dtype: torch.dtype) -> torch.device:
-    """Keep activations on the GPU when they (twice: input and output) fit beside a layer."""
+                      dtype: torch.dtype, streams: int = 1) -> torch.device:
+    """Keep activations on the GPU when they (input and output, plus one more copy per
+    additional stream: GPTAQ's full-precision one) fit beside a layer."""
     if device.type != "cuda":
         return device
     itemsize = torch.finfo(dtype).bits // 8
-    need = 2 * sum(x.hidden.numel() for x in inputs) * itemsize
+    need = (1 + streams) * sum(x.hidden.numel() for x in inputs) * itemsize
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     free, _ = torch.cuda.mem_get_info(device)
     return device if need + LAYER_ROOM * layer_bytes < ACTIVATIONS_GPU_FRACTION * free else torch.device("cpu")
+
+
+def gpu_memory_figures(device: torch.device) -> str:
+    """What an out-of-memory message should say about the device's memory."""
+    if device.type != "cuda":
+        return f"{device} (no GPU memory figures)"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return (f"{torch.cuda.memory_allocated(device) / 1e9:.1f} GB allocated, {torch.cuda.memory_reserved(device) / 1e9:.1f} GB "
+            f"reserved, peak {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB of {total / 1e9:.1f} GB")
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand cached blocks back, so that a retry starts from what is really in use."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def memo_budget(device: torch.device) -> int:

@@ -47,8 +47,8 @@ def main() -> None:
                                     str(seed), "--num-samples", "128", "--max_len", "512", "--device", a.device,
                                     "--json", "-q", *a.extra.split()], capture_output=True, text=True, check=True)
                 report = json.loads(r.stdout)
-                model, tok = load_quantized(out)
-                ppl = perplexity(model, eval_windows(tok, text, 64, 512))
+                model, tok = load_quantized(out, device=a.device)
+                ppl = perplexity(model, eval_windows(tok, text, 64, 512), a.device)
                 values.append(ppl)
                 print(json.dumps({"bits": bits, "seed": seed, "extra": a.extra.strip(), "ppl": round(ppl, 3),
                                   "quantize_s": round(report["wall_seconds"], 1),

@@ -141,6 +141,10 @@ def _args(out, *extra, data=CALIB, model=TINY):
     (("--max-shard-size", "lots"), "--max-shard-size 'lots'"),
     (("--device", "tpu"), "--device tpu"),
     (("--device", "cuda:x"), "--device cuda:x"),
+    (("--desc-act", "--act-group-aware"), "two column orders"),
+    (("--clip-weight", "cubic"), "invalid choice: 'cubic'"),
+    (("--gptaq", "--gptaq-alpha", "1.5"), "--gptaq-alpha 1.5"),
+    (("--gptaq", "--gpus", "2"), "--gptaq runs in one process"),
 ])
 def test_bad_flags_exit_2(tmp_path, extra, message):
     r = cli(*_args(tmp_path / "o", *extra))

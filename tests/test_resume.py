@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from qwen_gptq import resume
 
@@ -53,15 +54,78 @@ def test_killed_run_resumes_to_identical_bytes(uninterrupted, tmp_path, k):
     r = _quantize(out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming at layer" in r.stderr or "resuming: all 6 layers are finished" in r.stderr
-    names = sorted(p.name for p in uninterrupted.iterdir())
+    _assert_same_output(out, uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # work and staging directories gone
+
+
+def _assert_same_output(out, reference):
+    names = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
         if name != "quant_log.csv":  # (its seconds column is wall time)
-            assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     log = [line.split(",")[:4] + line.split(",")[5:] for line in (out / "quant_log.csv").read_text().splitlines()]
-    full = [line.split(",")[:4] + line.split(",")[5:] for line in (uninterrupted / "quant_log.csv").read_text().splitlines()]
+    full = [line.split(",")[:4] + line.split(",")[5:] for line in (reference / "quant_log.csv").read_text().splitlines()]
     assert log == full  # the same rows but for the seconds
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # work and staging directories gone
+
+
+def _out_of_memory_at(monkeypatch, target, name, when):
+    """Make target.name raise the GPU's out-of-memory error on the calls `when` picks (by count)."""
+    real, count = getattr(target, name), {"n": 0}
+
+    def patched(*args, **kwargs):
+        count["n"] += 1
+        if when(count["n"]):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, patched)
+
+
+@pytest.mark.slow
+def test_out_of_gpu_memory_is_retried_to_the_same_output(uninterrupted, tmp_path, monkeypatch):
+    """A pass or a solve that runs out of GPU memory once is retried after giving something
+    up (said in the log), and the output is byte for byte the uninterrupted run's."""
+    from qwen_gptq import pipeline
+
+    _out_of_memory_at(monkeypatch, pipeline, "_measure", lambda n: n == 10)  # layer 2's first group (after the retry)
+    _out_of_memory_at(monkeypatch, pipeline, "gptq", lambda n: n == 6)  # layer 1's second solve
+    out = tmp_path / "q"
+    r = cli("quantize", *ARGS, "--out_path", out, "-q")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layer 1: out of GPU memory while quantizing self_attn.o_proj" in r.stderr, r.stderr
+    assert "layer 2: out of GPU memory while quantizing self_attn.q_proj" in r.stderr, r.stderr
+    _assert_same_output(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_out_of_gpu_memory_that_persists_is_exit_1_and_resumable(uninterrupted, tmp_path, monkeypatch):
+    """When nothing is left to give up: exit 1 naming the layer, the memory and the flags
+    that help; no output, the finished layers kept; the same command then finishes the run
+    (byte for byte the uninterrupted output)."""
+    from qwen_gptq import pipeline
+
+    real = pipeline._measure
+
+    def measure(run, i, *args, **kwargs):
+        if i == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(run, i, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_measure", measure)
+    out = tmp_path / "q"
+    r = cli("quantize", *ARGS, "--out_path", out, "-q")
+    assert r.returncode == 1
+    for said in ("layer 3: the GPU ran out of memory while quantizing self_attn.q_proj", "Tried to allocate 2.00 GiB",
+                 "cached GPU memory released", "--num-samples", "--max_len", "continues from layer 3"):
+        assert said in r.stderr, (said, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and not out.exists()
+    assert sorted(p.name for p in resume.work_path(out).glob("layer-*")) == [f"layer-{k:05d}.safetensors"
+                                                                           for k in range(3)]
+    monkeypatch.undo()
+    r = cli("quantize", *ARGS, "--out_path", out)
+    assert r.returncode == 0 and "resuming at layer 3 of 6" in r.stderr, r.stderr[-2000:]
+    _assert_same_output(out, uninterrupted)
 
 
 @pytest.mark.slow
@@ -94,3 +158,29 @@ def test_stale_work_is_refused_and_no_resume_starts_over(tmp_path, monkeypatch):
     r = cli("quantize", *small, "--bits", "8", "--no-resume", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["settings"]["bits"] == 8 and not work.exists()
+
+
+@pytest.mark.slow
+def test_gptaq_run_resumes_to_the_same_output(uninterrupted, tmp_path, monkeypatch):
+    """GPTAQ carries the full-precision model's activations too: a resumed run recomputes
+    them through the finished layers' original weights, and ends byte for byte where an
+    uninterrupted run does."""
+    flags = ("--gptaq", "--act-group-aware", "--clip-weight", "loss")
+    full = tmp_path / "full"
+    r = cli("quantize", *ARGS, "--out_path", full, "-q", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    save = resume.WorkDir.save
+
+    def crash_after_layer_2(self, i, tensors, stats):
+        save(self, i, tensors, stats)
+        if i == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(resume.WorkDir, "save", crash_after_layer_2)
+    out = tmp_path / "q"
+    assert cli("quantize", *ARGS, "--out_path", out, "-q", *flags).returncode == 1
+    monkeypatch.undo()
+    r = cli("quantize", *ARGS, "--out_path", out, *flags)
+    assert r.returncode == 0 and "resuming at layer" in r.stderr, r.stderr[-2000:]
+    _assert_same_output(out, full)
+    assert (uninterrupted / "model.safetensors").read_bytes() != (full / "model.safetensors").read_bytes()
