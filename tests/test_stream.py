@@ -173,10 +173,14 @@ def _wide_qwen2(directory: Path, layers: int) -> Path:
         shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     shapes.pop("lm_head.weight")
 
+    drawn: dict[tuple, torch.Tensor] = {}  # one random tensor per shape, shared by the layers (values don't matter)
+
     def random(i: int, shape: tuple) -> torch.Tensor:
         if len(shape) == 1 and "norm" in names[i]:
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02).to(torch.bfloat16)
+        if shape not in drawn:
+            drawn[shape] = (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02).to(torch.bfloat16)
+        return drawn[shape]
 
     names = list(shapes)
     stored = {k: checkpoint.Stored(torch.bfloat16, s, lambda i=i, s=s: random(i, s)) for i, (k, s) in
