@@ -97,7 +97,8 @@ class _Run:
 # A step that runs out of GPU memory is retried after giving something up, one rung at a
 # time, each said in the log: first the activations move to host memory (they are the
 # largest thing kept on the GPU between steps), then the cached CUDA graphs and allocator
-# blocks go. Only when nothing is left to give up does the run stop (exit 1), naming the
+# blocks go, then one plain retry (a passing peak: another process on the GPU, say). Only
+# when nothing is left to give up does the run stop (exit 1), naming the
 # layer, the memory figures and the flags that would help; the finished layers stay in the
 # work directory, so the same command continues from there. A retried step gives the
 # very same result: it recomputes from inputs it did not modify.
@@ -404,7 +405,6 @@ class _GroupInputs:
         self.fired.add(name)
         if len(self.fired) == len(self.modules):
             raise StopForward()
-
 
     def _pair(self, name: str, x2: torch.Tensor) -> None:
         if name in self.unpaired:
