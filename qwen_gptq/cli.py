@@ -36,6 +36,8 @@ QUANTIZE_EXAMPLE = """example:
       --data_path calib.json --out_path Qwen2.5-7B-Instruct-GPTQ-Int4 \\
       --bits 4 --group-size 128 --max_len 8192
   qwen-gptq verify Qwen2.5-7B-Instruct-GPTQ-Int4
+  # better quality in the same format, about twice the time (docs/benchmarks.md):
+  qwen-gptq quantize ... --gptaq --act-group-aware --clip-weight loss
 
 calibration data (--data_path): a JSON list (or JSON Lines) of
   {"id": "...", "conversations": [{"from": "user", "value": "..."},
