@@ -123,6 +123,8 @@ class QuantizeOptions:
             raise BadInput(f"--damp-percent {q.damp_percent} must be in (0, 1]")
         if q.clip_weight not in CLIP_WEIGHTS:
             raise BadInput(f"--clip-weight {q.clip_weight}: use {', '.join(CLIP_WEIGHTS)}")
+        if q.clip_weight != "uniform" and not q.mse:
+            raise BadInput(f"--clip-weight {q.clip_weight} weighs the clipping search, which --no-mse turns off")
         if q.desc_act and q.act_group_aware:
             raise BadInput("--desc-act and --act-group-aware are two column orders: choose one "
                            "(--no-act-group-aware with --desc-act)")

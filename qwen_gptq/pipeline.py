@@ -90,6 +90,11 @@ class _Run:
     # GPTAQ: per batch, the current layer's input hidden states in the full-precision model
     fp_hidden: list[torch.Tensor] | None = None
     degraded: list[str] = field(default_factory=list)  # what out-of-memory retries have given up so far
+    spill: runtime.SpillFiles | None = None  # activations in spill files: outputs overwrite inputs in place
+
+    def kept(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """A batch's new hidden states, where the old ones were kept."""
+        return old.copy_(new) if self.spill is not None else new.to(self.store)
 
 
 # --------------------------------------------------------------------------- out of GPU memory
@@ -153,9 +158,11 @@ def _give_up_something(run: _Run, i: int, what: str) -> bool:
     return True
 
 
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibration) -> list[LayerInputs]:
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibration,
+                   keep: Callable[[LayerInputs], None] | None = None) -> list[LayerInputs]:
     """For every calibration batch: the first decoder layer's hidden states, and what the
-    model passes each decoder layer besides them.
+    model passes each decoder layer besides them (each handed to `keep` as it comes, to be
+    put where it will live).
 
     The model runs once per batch with every decoder layer replaced by a stand-in that
     records its call and hands its input on unchanged, so no layer computes anything.
@@ -183,6 +190,8 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, calibration: Calibra
             if len(calls) != len(layers):
                 raise QuantizationFailed(f"the model's forward called {len(calls)} of its {len(layers)} decoder layers")
             captured.append(LayerInputs(calls[0][0], [(a, k) for _, a, k in calls], b.valid))
+            if keep is not None:
+                keep(captured[-1])
     finally:
         for layer in layers:
             del layer.forward
@@ -199,17 +208,20 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     cdtype = runtime.compute_dtype(model_dtype, plan.device)
 
     t0 = time.perf_counter()
-    with torch.no_grad():
-        inputs = capture_inputs(model, layers, calibration)
-    store = runtime.activation_device(inputs, plan.device, layers[0], cdtype, 2 if plan.cfg.gptaq else 1)
-    for x in inputs:
-        x.place(plan.device, store, cdtype)
+    where = _Placement(plan, layers[0], cdtype, calibration)
+    try:
+        with torch.no_grad():
+            inputs = capture_inputs(model, layers, calibration, where.keep)
+        fp_hidden = where.second_stream(inputs) if plan.cfg.gptaq else None
+    except BaseException:
+        where.remove()
+        raise
     t["capture"] += time.perf_counter() - t0
-    log.info("captured %d batch(es), %d tokens; activations kept on %s", len(inputs), calibration.tokens, store)
+    log.info("captured %d batch(es), %d tokens; activations kept %s", len(inputs), calibration.tokens, where.said)
 
     memo = runtime.memo_budget(plan.device) if plan.memo_bytes is None else plan.memo_bytes
-    run = _Run(family, plan, inputs, store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights), outcome,
-               [x.hidden for x in inputs] if plan.cfg.gptaq else None)
+    run = _Run(family, plan, inputs, where.store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights),
+               outcome, fp_hidden, spill=where.spill)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
         log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
@@ -238,7 +250,59 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
         run.mover.close()
         bar.close()
         fastpath.clear_caches()
+        where.remove()
     return outcome
+
+
+class _Placement:
+    """Where the activations live, decided when the first batch's hidden states are seen:
+    on the GPU when they fit beside a layer, else in host memory when they fit there, else
+    in spill files in the work directory (memory-mapped; said in the log)."""
+
+    def __init__(self, plan: Plan, layer: nn.Module, dtype: torch.dtype, calibration: Calibration):
+        self.plan, self.layer, self.dtype, self.calibration = plan, layer, dtype, calibration
+        self.streams = 2 if plan.cfg.gptaq else 1
+        self.store: torch.device | None = None
+        self.spill: runtime.SpillFiles | None = None
+        self.said = ""
+        self.count = 0
+
+    def keep(self, x: LayerInputs) -> None:
+        if self.store is None:
+            self._decide(x.hidden.shape[-1] * sum(b.input_ids.numel() for b in self.calibration.batches))
+        x.place(self.plan.device, self.store, self.dtype)
+        if self.spill is not None:
+            x.hidden = self.spill.keep(x.hidden, f"batch-{self.count:05d}")
+        self.count += 1
+
+    def _decide(self, numel: int) -> None:
+        plan = self.plan
+        self.store = runtime.activation_device(numel, plan.device, self.layer, self.dtype, self.streams)
+        self.said = f"on {self.store}"
+        if self.store.type != "cpu":
+            return
+        fits, need, available = runtime.activations_fit_host(numel, self.dtype, self.streams)
+        if fits:
+            return
+        if plan.work is None:
+            log.warning("the activations (%.1f GB) may not fit in host memory (%.1f GB available); no work "
+                        "directory to spill them to", need / 1e9, available / 1e9)
+            return
+        self.spill = runtime.SpillFiles(plan.work.path / f"activations-{plan.group.rank}")
+        self.said = f"in spill files in {self.spill.directory}"
+        log.warning("the activations (%.1f GB, inputs and outputs) do not fit in host memory (%.1f GB available): "
+                    "they go to spill files in %s (memory-mapped; the page cache keeps what fits)", need / 1e9,
+                    available / 1e9, self.spill.directory)
+
+    def second_stream(self, inputs: list[LayerInputs]) -> list[torch.Tensor]:
+        """GPTAQ's full-precision stream, starting from the same hidden states."""
+        if self.spill is None:
+            return [x.hidden for x in inputs]
+        return [self.spill.keep(x.hidden, f"fp-batch-{j:05d}") for j, x in enumerate(inputs)]
+
+    def remove(self) -> None:
+        if self.spill is not None:
+            self.spill.remove()
 
 
 def _arrive(run: _Run, layer: nn.Module, next_layer: nn.Module | None) -> float:
@@ -266,7 +330,7 @@ def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | 
             def step(j=j, x=x):
                 if forwards is not None:
                     forwards.batch(j)
-                return runtime.run_layer(layer, i, x, run.plan.device).to(run.store)
+                return run.kept(x.hidden, runtime.run_layer(layer, i, x, run.plan.device))
 
             x.hidden = _retrying(run, i, "computing the next layer's inputs", step)
     runtime.sync(run.plan.device)
@@ -279,7 +343,7 @@ def _forward_full_precision(run: _Run, i: int, fp_layer: nn.Module) -> None:
     with torch.no_grad():
         for j in range(len(run.inputs)):
             run.fp_hidden[j] = _retrying(run, i, "computing the next layer's full-precision inputs", lambda j=j: (
-                runtime.run_layer(fp_layer, i, _fp_inputs(run, j), run.plan.device).to(run.store)))
+                run.kept(run.fp_hidden[j], runtime.run_layer(fp_layer, i, _fp_inputs(run, j), run.plan.device))))
     runtime.sync(run.plan.device)
     run.outcome.timings["forward"] += time.perf_counter() - t0
 

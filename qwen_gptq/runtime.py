@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import resource
+import shutil
 import typing
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ ACTIVATIONS_GPU_FRACTION = 0.7  # activations stay on the GPU if (with the layer
 LAYER_ROOM = 4  # room kept for the layer, its Hessians and the forward's temporaries, in layer sizes
 MEMO_HOST_FRACTION = 4  # on CPU, memoized outputs may use 1/this of the available host memory
 MEMO_FALLBACK_BYTES = 1 << 30  # when the available memory cannot be read
+SPILL_HOST_FRACTION = 0.5  # activations beyond this much of the available host memory go to spill files
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
 
@@ -157,14 +161,15 @@ def run_layer(layer: nn.Module, i: int, x: LayerInputs, device: torch.device) ->
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def activation_device(inputs: list[LayerInputs], device: torch.device, layer: nn.Module,
-                      dtype: torch.dtype, streams: int = 1) -> torch.device:
-    """Keep activations on the GPU when they (input and output, plus one more copy per
-    additional stream: GPTAQ's full-precision one) fit beside a layer."""
+def activation_device(numel: int, device: torch.device, layer: nn.Module, dtype: torch.dtype,
+                      streams: int = 1) -> torch.device:
+    """Keep the activations (numel elements a stream) on the GPU when they (input and
+    output, plus one more copy per additional stream: GPTAQ's full-precision one) fit
+    beside a layer."""
     if device.type != "cuda":
         return device
     itemsize = torch.finfo(dtype).bits // 8
-    need = (1 + streams) * sum(x.hidden.numel() for x in inputs) * itemsize
+    need = (1 + streams) * numel * itemsize
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     free, _ = torch.cuda.mem_get_info(device)
     return device if need + LAYER_ROOM * layer_bytes < ACTIVATIONS_GPU_FRACTION * free else torch.device("cpu")
@@ -188,18 +193,63 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def available_host_bytes() -> int | None:
+    """The kernel's estimate of the memory that can be had without swapping (None: unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def memo_budget(device: torch.device) -> int:
     """Memory for memoized outputs: on CPU, where the forwards dominate, a share of the
     available host memory; on CUDA none (recomputing is cheap there, and GPU memory is
     kept for activations and Hessians)."""
     if device.type != "cpu":
         return 0
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // MEMO_HOST_FRACTION
-    except (OSError, KeyError, ValueError):
-        return MEMO_FALLBACK_BYTES
+    available = available_host_bytes()
+    return MEMO_FALLBACK_BYTES if available is None else available // MEMO_HOST_FRACTION
+
+
+def activations_fit_host(numel: int, dtype: torch.dtype, streams: int = 1) -> tuple[bool, int, int | None]:
+    """Whether the activations (input and output of each stream) fit in SPILL_HOST_FRACTION
+    of the available host memory; with the bytes needed and available."""
+    need = (1 + streams) * numel * (torch.finfo(dtype).bits // 8)
+    available = available_host_bytes()
+    return available is None or need <= SPILL_HOST_FRACTION * available, need, available
+
+
+class SpillFiles:
+    """Activations in files of a directory, memory-mapped: the page cache keeps what fits
+    and the kernel writes the rest out, so host memory is not what limits them. A layer's
+    outputs overwrite its inputs in place (keep() once per batch and stream)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def keep(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """A file-backed copy of t (CPU)."""
+        path = self.directory / f"{name}.bin"
+        size = t.numel() * t.element_size()
+        with open(path, "wb") as f:
+            try:  # reserve the blocks now: a full disk is an error here, not a SIGBUS later
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    f.truncate(size)  # (a filesystem without fallocate)
+                else:
+                    err = OSError(e.errno, os.strerror(e.errno), str(path))
+                    err.needed = size
+                    raise err from None
+        kept = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+        kept.copy_(t)
+        return kept
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- moving layers

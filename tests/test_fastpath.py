@@ -30,9 +30,8 @@ SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     for rows, cols, bits, gs, sym, mse, clip, gar in [
             (40, 256, 4, 128, True, True, "uniform", False), (24, 256, 3, 32, True, False, "uniform", False),
-            (16, 512, 4, 256, False, True, "activation", False), (20, 384, 8, -1, True, False, "uniform", False),
-            (8, 128, 2, 64, False, False, "uniform", False), (24, 256, 3, 64, True, True, "loss", True),
-            (16, 256, 4, 128, False, True, "activation", True)]:
+            (16, 256, 4, 256, False, True, "activation", False), (20, 256, 8, -1, True, False, "uniform", False),
+            (8, 128, 2, 64, False, False, "uniform", False), (8, 256, 3, 64, False, True, "loss", True)]:
         W = torch.randn(rows, cols, generator=g)
         X = torch.randn(2 * cols, cols, generator=g) * torch.linspace(0.1, 3, cols)[torch.randperm(cols, generator=g)]
         H = 2 * X.T @ X / X.shape[0]

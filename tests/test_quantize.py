@@ -143,6 +143,7 @@ def _args(out, *extra, data=CALIB, model=TINY):
     (("--device", "cuda:x"), "--device cuda:x"),
     (("--desc-act", "--act-group-aware"), "two column orders"),
     (("--clip-weight", "cubic"), "invalid choice: 'cubic'"),
+    (("--clip-weight", "loss", "--no-mse"), "which --no-mse turns off"),
     (("--gptaq", "--gptaq-alpha", "1.5"), "--gptaq-alpha 1.5"),
     (("--gptaq", "--gpus", "2"), "--gptaq runs in one process"),
 ])

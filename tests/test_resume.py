@@ -19,8 +19,8 @@ LAYERS = 6
 
 
 def _quantize(out, *extra):
-    return subprocess.run([sys.executable, "-m", "qwen_gptq", "quantize", *ARGS, "--out_path", str(out), *extra],
-                          capture_output=True, text=True)
+    """In this process (the kills below need a process of their own; the runs around them do not)."""
+    return cli("quantize", *ARGS, "--out_path", out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,27 @@ def test_gptaq_run_resumes_to_the_same_output(uninterrupted, tmp_path, monkeypat
     assert r.returncode == 0 and "resuming at layer" in r.stderr, r.stderr[-2000:]
     _assert_same_output(out, full)
     assert (uninterrupted / "model.safetensors").read_bytes() != (full / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_activations_that_do_not_fit_in_host_memory_spill_to_files(uninterrupted, tmp_path, monkeypatch):
+    """When the activations would not fit in host memory they live in memory-mapped spill
+    files in the work directory (said in the log), gone at the end; same output bytes."""
+    from qwen_gptq import runtime
+
+    monkeypatch.setattr(runtime, "available_host_bytes", lambda: 1 << 20)  # "1 MiB available"
+    seen = []
+    save = resume.WorkDir.save
+
+    def save_and_look(self, i, tensors, stats):
+        seen.append(sorted(p.name for p in (self.path / "activations-0").iterdir()))
+        save(self, i, tensors, stats)
+
+    monkeypatch.setattr(resume.WorkDir, "save", save_and_look)
+    out = tmp_path / "q"
+    r = cli("quantize", *ARGS, "--out_path", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "do not fit in host memory" in r.stderr and "spill files" in r.stderr, r.stderr[-2000:]
+    assert seen and all(names == [f"batch-{j:05d}.bin" for j in range(16)] for names in seen), seen
+    _assert_same_output(out, uninterrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
