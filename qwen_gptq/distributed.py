@@ -14,8 +14,9 @@ over the ranks, and the GPTQ problems are spread over them:
 Then each result is broadcast from its solver, so that every rank continues with the
 same quantized weights. Rank 0 alone writes (work directory, output). Per layer the
 ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
-Hessians) and the quantized weights (one byte per weight for the codes plus the weights
-in the compute dtype), nothing else: activations never leave their rank.
+Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
+quantized weights (one byte per weight for the codes plus the weights in the compute
+dtype), nothing else: activations never leave their rank.
 
 One process (no torchrun) is a group of one, and every function here is then local.
 """
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import BadInput
-from .gptq import GPTQResult, Hessian
+from .gptq import CrossProducts, GPTQResult, Hessian
 
 log = logging.getLogger("qwen_gptq")
 
@@ -139,6 +140,8 @@ class Problem:
     name: str
     weights: list[torch.Tensor]  # [rows_i, columns] each, stacked into one W when solved
     hessian: Hessian | None  # this rank's accumulation (None: it saw no token)
+    cross: CrossProducts | None = None  # GPTAQ: this rank's cross products (None: none, or no token)
+    paired: bool = True  # GPTAQ: False when this rank's rows did not pair up (then no rank uses D)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -148,20 +151,25 @@ class Problem:
         return torch.cat(self.weights)
 
 
-Solve = Callable[[str, torch.Tensor, torch.Tensor | None], GPTQResult]  # (name, W, H; None: no tokens) -> result
+# (name, W, H or None: no tokens, GPTAQ's D or None) -> result
+Solve = Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None], GPTQResult]
 
 
-def solve_all(group: Group, problems: list[Problem], solve: Solve) -> Iterator[tuple[GPTQResult, int]]:
-    """(result, tokens seen over all ranks) of each problem, in order, the same on every rank."""
+def solve_all(group: Group, problems: list[Problem], solve: Solve,
+              cross: bool = False) -> Iterator[tuple[GPTQResult, int]]:
+    """(result, tokens seen over all ranks) of each problem, in order, the same on every
+    rank. cross (GPTAQ): the problems carry cross products, summed like the Hessians."""
     if group.size == 1:
         for p in problems:
             h, p.hessian = p.hessian, None
+            c, p.cross = p.cross, None
             if h is None:
-                yield solve(p.name, p.stacked(), None), 0
+                yield solve(p.name, p.stacked(), None, None), 0
             else:
-                yield solve(p.name, p.stacked(), h.products().mul_(2.0 / h.count)), h.count
+                D = c.finish(h.count) if c is not None and p.paired else None
+                yield solve(p.name, p.stacked(), h.products().mul_(2.0 / h.count), D), h.count
         return
-    yield from _solve_spread(group, problems, solve)
+    yield from _solve_spread(group, problems, solve, cross)
 
 
 def _cost(p: Problem) -> int:
@@ -169,39 +177,54 @@ def _cost(p: Problem) -> int:
     return rows * columns * columns + columns**3
 
 
-def _solve_spread(group: Group, problems: list[Problem], solve: Solve) -> Iterator[tuple[GPTQResult, int]]:
+def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
+                  cross: bool) -> Iterator[tuple[GPTQResult, int]]:
     device = problems[0].weights[0].device
     counts = torch.tensor([p.hessian.count if p.hessian else 0 for p in problems], dtype=torch.int64, device=device)
     dist.all_reduce(counts)
     counts = counts.tolist()
+    paired = [True] * len(problems)
+    if cross:  # D is used only if every rank's rows paired up
+        flags = torch.tensor([int(p.paired) for p in problems], dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        paired = [bool(f) for f in flags.tolist()]
     split = len(problems) < group.size
     owners = [-1] * len(problems) if split else _owners(group, [_cost(p) for p in problems])
+
+    def summed(t: torch.Tensor | None, columns: int, n: int, owner: int) -> torch.Tensor | None:
+        """This rank's part summed over the ranks, scaled by 2/n (where it is needed)."""
+        t = t if t is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        if split:
+            dist.all_reduce(t)
+        else:
+            dist.reduce(t, owner)
+        return t.mul_(2.0 / n) if split or owner == group.rank else None
+
     hessians: list[torch.Tensor | None] = []
-    for p, n, owner in zip(problems, counts, owners):
+    crosses: list[torch.Tensor | None] = []
+    for p, n, owner, use in zip(problems, counts, owners, paired):
         h, p.hessian = p.hessian, None
+        c, p.cross = p.cross, None
         if n == 0:
             hessians.append(None)
+            crosses.append(None)
             continue
         columns = p.shape[1]
-        H = h.products() if h is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
-        if split:
-            dist.all_reduce(H)
-        else:
-            dist.reduce(H, owner)
-        hessians.append(H.mul_(2.0 / n) if split or owner == group.rank else None)
-        del H
+        hessians.append(summed(h.products() if h is not None else None, columns, n, owner))
+        crosses.append(summed(c.D if c is not None else None, columns, n, owner) if cross and use else None)
     # Every rank solves what it owns first, then the results travel in order: a rank never
     # waits for another's solve before starting its own.
     mine: dict[int, GPTQResult] = {}
     for i, (p, owner) in enumerate(zip(problems, owners)):
         H, hessians[i] = hessians[i], None
+        D, crosses[i] = crosses[i], None
         if split:
             rows = _rows(group, p.shape[0])[group.rank]
             if rows.stop > rows.start:
-                mine[i] = solve(p.name, p.stacked()[rows], H)
+                mine[i] = solve(p.name, p.stacked()[rows], H, D)
         elif owner == group.rank:
-            mine[i] = solve(p.name, p.stacked(), H)
-        del H
+            mine[i] = solve(p.name, p.stacked(), H, D)
+        del H, D
     for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
         W = p.stacked()
         if split:

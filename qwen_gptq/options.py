@@ -58,7 +58,7 @@ SOLVER_FLAGS = MappingProxyType({
                             negative="--no-act-group-aware"),
     "gptaq": Flag("GPTAQ: fit each Linear to the full-precision model's outputs, so that it also corrects the "
                   "error of the layers before (runs a full-precision copy of each layer beside it: more time and "
-                  "activation memory; one process only)"),
+                  "activation memory)"),
     "gptaq_alpha": Flag("with --gptaq, how far toward its target (0-1)", metavar="F"),
 })
 
@@ -130,8 +130,6 @@ class QuantizeOptions:
                            "(--no-act-group-aware with --desc-act)")
         if not 0 <= q.gptaq_alpha <= 1:
             raise BadInput(f"--gptaq-alpha {q.gptaq_alpha} must be in [0, 1]")
-        if q.gptaq and self.gpus not in (None, "1"):
-            raise BadInput("--gptaq runs in one process for now: leave out --gpus")
         if q.static_groups and q.group_size == -1:
             raise BadInput("--static-groups needs a group size (not --group-size -1)")
         if self.max_len < 1:

@@ -486,11 +486,6 @@ class _GroupInputs:
             self.cross[name] = CrossProducts(x2.shape[1], x2.device)
         self.cross[name].add(xf, x2)
 
-    def cross_products(self, lead: str) -> torch.Tensor | None:
-        """GPTAQ's D for the lead's Hessian, scaled alike; None without one."""
-        cross, h = self.cross.pop(lead, None), self.hessians.get(lead)
-        return cross.finish(h.count) if cross is not None and h is not None and h.count else None
-
 
 def _capture_fp(fp_layer: nn.Module, i: int, names: list[str], x: LayerInputs, device: torch.device
                 ) -> dict[str, torch.Tensor]:
@@ -546,17 +541,17 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     owner = distributed.agree(ranks, group.owner)
     leads = [n for n in modules if n not in owner and n not in done]
     members = {lead: [lead] + [n for n in modules if owner.get(n) == lead] for lead in leads}
-    cross = {lead: group.cross_products(lead) for lead in leads}  # GPTAQ; None otherwise
-    problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None))
+    problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None),
+                                    group.cross.pop(lead, None), lead not in group.unpaired)
                 for lead in leads]
     group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
     group.cross.clear()
 
-    def solve(lead: str, W: torch.Tensor, H: torch.Tensor | None) -> GPTQResult:
+    def solve(lead: str, W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None) -> GPTQResult:
         if H is None:
             return rtn(W, cfg)
         try:
-            res = gptq(W, H, cfg, overwrite_h=True, D=cross.pop(lead, None))
+            res = gptq(W, H, cfg, overwrite_h=True, D=D)
         except CholeskyFailed as e:
             raise QuantizationFailed(f"layer {i} {lead}: {e}") from None
         if not torch.isfinite(res.weight).all():
@@ -564,7 +559,7 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         return res
 
     t0 = time.perf_counter()
-    for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve)):
+    for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve, cross=cfg.gptaq)):
         method = "gptq" if n_tok else "rtn"
         if not n_tok and cfg.method == "gptq":
             log.warning("layer %d: %s saw no calibration tokens; quantized with round-to-nearest", i,

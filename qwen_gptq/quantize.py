@@ -111,9 +111,6 @@ def run(o: QuantizeOptions) -> dict:
         qconfig = {**reference["quantization_config"], **qconfig}
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
     ranks, device = distributed.init(device)  # (torchrun) after the checks: every rank makes them, and exits 2 alike
-    if ranks.size > 1 and o.quant.gptaq:
-        distributed.finish()
-        raise BadInput("--gptaq runs in one process for now: start it without torchrun")
     try:
         result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
     except BaseException:

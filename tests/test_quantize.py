@@ -145,7 +145,6 @@ def _args(out, *extra, data=CALIB, model=TINY):
     (("--clip-weight", "cubic"), "invalid choice: 'cubic'"),
     (("--clip-weight", "loss", "--no-mse"), "which --no-mse turns off"),
     (("--gptaq", "--gptaq-alpha", "1.5"), "--gptaq-alpha 1.5"),
-    (("--gptaq", "--gpus", "2"), "--gptaq runs in one process"),
 ])
 def test_bad_flags_exit_2(tmp_path, extra, message):
     r = cli(*_args(tmp_path / "o", *extra))
