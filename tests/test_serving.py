@@ -37,6 +37,8 @@ def _serving(report):
     ("w4", (), [1]),  # intermediate 1408 = 11 groups of 128: not TP-2-aligned
     ("w8", ("--bits", "8"), [1]),
     ("w4-pad2", ("--pad-for-tp", "2"), [1, 2, 4]),  # 1536 = 2 x 768 (and 4 x 384): both split into 128s
+    # the quality levers change no format rule (g_idx stays in order, no new config keys)
+    ("w4-levers", ("--gptaq", "--act-group-aware", "--clip-weight", "loss"), [1]),
 ])
 def test_loadable_and_tensor_parallel_sizes(outputs, name, extra, tp_sizes):
     out, err = outputs(name, *extra)
@@ -50,6 +52,10 @@ def test_loadable_and_tensor_parallel_sizes(outputs, name, extra, tp_sizes):
         assert "mlp.down_proj: input 704 per GPU at TP 2 is not a multiple of 128" in check["message"]
         code, report, _ = verify_cli(out, "--serve", "vllm", "--tp", "2")
         assert code == 1 and "at tensor parallelism 2" in _serving(report)["problems"][0]
+    if name == "w4-levers":  # not a key more in the configs
+        plain, _ = outputs("w4")
+        for f in ("quantize_config.json", "config.json"):
+            assert (out / f).read_text() == (plain / f).read_text(), f
 
 
 @pytest.mark.slow
