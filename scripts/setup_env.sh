@@ -9,9 +9,7 @@ PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-# --no-compile: no bytecode for every installed file up front (torch alone has thousands);
-# Python compiles what it imports, when it imports it.
-pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$@"; }
+pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 # torch first, pinned: on CPU machines this is the local CPU build; without the pin
 # pip would resolve `torch` to a multi-GB CUDA build. On a GPU box install your CUDA
 # torch into the venv before running this script; an installed torch is kept.
