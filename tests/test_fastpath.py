@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     out = []
     g = torch.Generator().manual_seed(0)
     for rows, cols, bits, gs, sym, mse, clip, gar in [
-            (40, 256, 4, 128, True, True, "uniform", False), (24, 256, 3, 32, True, False, "uniform", False),
+            (40, 128, 4, 128, True, True, "uniform", False), (24, 256, 3, 32, True, False, "uniform", False),
             (16, 256, 4, 256, False, True, "activation", False), (20, 256, 8, -1, True, False, "uniform", False),
             (8, 128, 2, 64, False, False, "uniform", False), (8, 256, 3, 64, False, True, "loss", True)]:
         W = torch.randn(rows, cols, generator=g)
