@@ -389,7 +389,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
         W = asymmetric_target(W, H, D, cfg.damp_percent, cfg.gptaq_alpha)
     W[:, dead] = 0
 
-    imp = torch.diag(H).clone()  # each input column's importance: E[x²], up to a factor
+    imp = torch.diag(H)  # (a copy) each input column's importance: E[x²], up to a factor
     perm = None
     if cfg.desc_act:  # act-order: the columns with the largest inputs first
         perm = torch.argsort(imp, descending=True)

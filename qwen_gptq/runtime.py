@@ -163,13 +163,11 @@ def run_layer(layer: nn.Module, i: int, x: LayerInputs, device: torch.device) ->
 
 def activation_device(numel: int, device: torch.device, layer: nn.Module, dtype: torch.dtype,
                       streams: int = 1) -> torch.device:
-    """Keep the activations (numel elements a stream) on the GPU when they (input and
-    output, plus one more copy per additional stream: GPTAQ's full-precision one) fit
-    beside a layer."""
+    """Keep the activations (numel elements a stream; activation_bytes) on the GPU when
+    they fit beside a layer."""
     if device.type != "cuda":
         return device
-    itemsize = torch.finfo(dtype).bits // 8
-    need = (1 + streams) * numel * itemsize
+    need = activation_bytes(numel, dtype, streams)
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     free, _ = torch.cuda.mem_get_info(device)
     return device if need + LAYER_ROOM * layer_bytes < ACTIVATIONS_GPU_FRACTION * free else torch.device("cpu")
@@ -213,10 +211,16 @@ def memo_budget(device: torch.device) -> int:
     return MEMO_FALLBACK_BYTES if available is None else available // MEMO_HOST_FRACTION
 
 
+def activation_bytes(numel: int, dtype: torch.dtype, streams: int = 1) -> int:
+    """Bytes of the activations of numel elements a stream: input and output, plus one more
+    copy per additional stream (GPTAQ's full-precision one)."""
+    return (1 + streams) * numel * (torch.finfo(dtype).bits // 8)
+
+
 def activations_fit_host(numel: int, dtype: torch.dtype, streams: int = 1) -> tuple[bool, int, int | None]:
-    """Whether the activations (input and output of each stream) fit in SPILL_HOST_FRACTION
-    of the available host memory; with the bytes needed and available."""
-    need = (1 + streams) * numel * (torch.finfo(dtype).bits // 8)
+    """Whether the activations (activation_bytes) fit in SPILL_HOST_FRACTION of the
+    available host memory; with the bytes needed and available."""
+    need = activation_bytes(numel, dtype, streams)
     available = available_host_bytes()
     return available is None or need <= SPILL_HOST_FRACTION * available, need, available
 
