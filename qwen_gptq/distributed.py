@@ -151,25 +151,67 @@ class Problem:
         return torch.cat(self.weights)
 
 
-# (name, W, H or None: no tokens, GPTAQ's D or None) -> result
-Solve = Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None], GPTQResult]
+# A batch of problems of one shape: (names, W [B, rows, columns], H [B, columns, columns]
+# or None: no tokens, GPTAQ's D like H or None) -> their results
+Solve = Callable[[list[str], torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[GPTQResult]]
+
+SOLVE_BATCH_BYTES = 1 << 30  # Hessians (float32) per batched solve; its temporaries take about three times that
 
 
 def solve_all(group: Group, problems: list[Problem], solve: Solve,
               cross: bool = False) -> Iterator[tuple[GPTQResult, int]]:
     """(result, tokens seen over all ranks) of each problem, in order, the same on every
-    rank. cross (GPTAQ): the problems carry cross products, summed like the Hessians."""
-    if group.size == 1:
-        for p in problems:
-            h, p.hessian = p.hessian, None
-            c, p.cross = p.cross, None
-            if h is None:
-                yield solve(p.name, p.stacked(), None, None), 0
-            else:
-                D = c.finish(h.count) if c is not None and p.paired else None
-                yield solve(p.name, p.stacked(), h.products().mul_(2.0 / h.count), D), h.count
+    rank. Problems of one shape (MoE experts) are solved in batches. cross (GPTAQ): the
+    problems carry cross products, summed like the Hessians."""
+    if group.size > 1:
+        yield from _solve_spread(group, problems, solve, cross)
         return
-    yield from _solve_spread(group, problems, solve, cross)
+    counts = [p.hessian.count if p.hessian is not None else 0 for p in problems]
+    paired = [p.paired and p.cross is not None for p in problems]
+    done: dict[int, GPTQResult] = {}
+    following = 0
+    for batch in _batches(problems, range(len(problems)), counts, paired):
+        hessians = [problems[i].hessian for i in batch]
+        crosses = [problems[i].cross for i in batch]
+        for i in batch:
+            problems[i].hessian = problems[i].cross = None
+        scales = [2.0 / counts[i] if counts[i] else 0.0 for i in batch]
+        H = _stacked([h.products() if h is not None else None for h in hessians], scales) if counts[batch[0]] else None
+        del hessians
+        D = _stacked([c.D for c in crosses], scales) if paired[batch[0]] else None
+        del crosses
+        done.update(zip(batch, solve([problems[i].name for i in batch],
+                                     torch.stack([problems[i].stacked() for i in batch]), H, D)))
+        del H, D
+        while following in done:
+            yield done.pop(following), counts[following]
+            following += 1
+
+
+def _batches(problems: list[Problem], which, counts: list[int], paired: list[bool]) -> list[list[int]]:
+    """The problems (indices `which`) in batches that one solve takes together: the same
+    shape, tokens or none, cross products or none; at most SOLVE_BATCH_BYTES of Hessians.
+    Ordered by their first problem."""
+    kinds: dict[tuple, list[int]] = {}
+    for i in which:
+        kinds.setdefault((problems[i].shape, counts[i] > 0, paired[i]), []).append(i)
+    batches = []
+    for (shape, _, _), members in kinds.items():
+        size = max(1, SOLVE_BATCH_BYTES // (shape[1] * shape[1] * 4))
+        batches += [members[k:k + size] for k in range(0, len(members), size)]
+    return sorted(batches)
+
+
+def _stacked(parts: list[torch.Tensor], scales: list[float] | None = None) -> torch.Tensor:
+    """[B, n, n] from B matrices, each times its scale when given. Each part is released
+    from the list once copied (freed then, when nothing else holds it)."""
+    out = torch.empty(len(parts), *parts[0].shape, device=parts[0].device, dtype=torch.float32)
+    for k in range(len(parts)):
+        out[k].copy_(parts[k])
+        if scales is not None:
+            out[k].mul_(scales[k])
+        parts[k] = None
+    return out
 
 
 def _cost(p: Problem) -> int:
@@ -215,16 +257,22 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
     # Every rank solves what it owns first, then the results travel in order: a rank never
     # waits for another's solve before starting its own.
     mine: dict[int, GPTQResult] = {}
-    for i, (p, owner) in enumerate(zip(problems, owners)):
-        H, hessians[i] = hessians[i], None
-        D, crosses[i] = crosses[i], None
-        if split:
+    if split:
+        for i, p in enumerate(problems):
+            H, hessians[i] = hessians[i], None
+            D, crosses[i] = crosses[i], None
             rows = _rows(group, p.shape[0])[group.rank]
             if rows.stop > rows.start:
-                mine[i] = solve(p.name, p.stacked()[rows], H, D)
-        elif owner == group.rank:
-            mine[i] = solve(p.name, p.stacked(), H, D)
-        del H, D
+                mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D))[0]
+            del H, D
+    else:
+        owned = [i for i, owner in enumerate(owners) if owner == group.rank]
+        for batch in _batches(problems, owned, counts, [c is not None for c in crosses]):
+            H = _stacked(_taken(hessians, batch)) if hessians[batch[0]] is not None else None
+            D = _stacked(_taken(crosses, batch)) if crosses[batch[0]] is not None else None
+            mine.update(zip(batch, solve([problems[i].name for i in batch],
+                                         torch.stack([problems[i].stacked() for i in batch]), H, D)))
+            del H, D
     for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
         W = p.stacked()
         if split:
@@ -233,6 +281,18 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
             yield _joined(parts), n
         else:
             yield _broadcast(group, W, owner, mine.pop(i, None)), n
+
+
+def _taken(items: list, which: list[int]) -> list:
+    """items[i] for i in which, each left None in items."""
+    out = [items[i] for i in which]
+    for i in which:
+        items[i] = None
+    return out
+
+
+def _one(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t[None]
 
 
 def _rows(group: Group, rows: int) -> list[slice]:

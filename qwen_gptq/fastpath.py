@@ -115,14 +115,16 @@ def _disable_triton(error: Exception) -> None:
 def _graphed(b: Block, cfg: QuantConfig, loop: Loop) -> BlockOut:
     from .gptq import Block, BlockOut
 
-    rows, count = b.W.shape
-    key = (b.W.device, rows, count, b.gs_in, cfg)
+    batch, rows, count = b.W.shape
+    key = (b.W.device, batch, rows, count, b.gs_in, b.clip_weight is not None, cfg)
     entry = _state.graphs.get(key)
     if entry is None:
         dev = b.W.device
-        static = Block(W=torch.zeros(rows, count, device=dev), Hinv=torch.eye(count, device=dev),
-                       scale=torch.ones(rows, device=dev), zero=torch.zeros(rows, device=dev), gs_in=b.gs_in,
-                       n_in=b.n_in, clip_weight=None if b.clip_weight is None else torch.ones(count, device=dev))
+        static = Block(W=torch.zeros(batch, rows, count, device=dev),
+                       Hinv=torch.eye(count, device=dev).expand(batch, count, count).contiguous(),
+                       scale=torch.ones(batch, rows, device=dev), zero=torch.zeros(batch, rows, device=dev),
+                       gs_in=b.gs_in, n_in=b.n_in,
+                       clip_weight=None if b.clip_weight is None else torch.ones(batch, count, device=dev))
         out = BlockOut.zeros(static)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -188,23 +190,24 @@ def triton_block(b: Block, cfg: QuantConfig) -> BlockOut:
     """gptq.quantize_block's result for one block, computed by the Triton kernel."""
     from .gptq import BlockOut
 
-    rows, count = b.W.shape
+    batch, rows, count = b.W.shape
     W1 = b.W.contiguous()
+    n_s = max(b.n_in, 1)
     out = BlockOut(Q=torch.empty_like(W1), Err=torch.empty_like(W1), Losses=torch.empty_like(W1),
-                   S=torch.empty(max(b.n_in, 1), rows, device=W1.device, dtype=torch.float32),
-                   Z=torch.empty(max(b.n_in, 1), rows, device=W1.device, dtype=torch.float32))
+                   S=torch.empty(batch, n_s, rows, device=W1.device, dtype=torch.float32),
+                   Z=torch.empty(batch, n_s, rows, device=W1.device, dtype=torch.float32))
     BC = triton.next_power_of_2(count)
     BR = max(1, min(TRITON_MAX_ROW_TILE, TRITON_ROW_TILE_ELEMENTS // BC))
-    grid = (triton.cdiv(rows, BR),)
+    grid = (triton.cdiv(rows, BR), batch)  # (row tiles, problems of the batch)
     weighted = b.clip_weight is not None
     _block_kernel[grid](
         W1, b.Hinv.contiguous(), out.Q, out.Err, out.Losses, out.S, out.Z, b.scale.contiguous(), b.zero.contiguous(),
-        b.clip_weight.contiguous() if weighted else W1, rows, count, b.n_in,
+        b.clip_weight.contiguous() if weighted else W1, rows, count, b.n_in, n_s,
         BR=BR, BC=BC, GS=b.gs_in, MAXQ=cfg.maxq, SYM=cfg.sym, MINZ=cfg.min_zero, MSE=cfg.mse, WEIGHTED=weighted,
         MSE_STEPS=cfg.mse_steps, MSE_STEP=cfg.mse_step, FP16_TINY=FP16.tiny, FP16_MAX=FP16.max,
         num_warps=4,
     )
-    out.S, out.Z = out.S[:b.n_in], out.Z[:b.n_in]
+    out.S, out.Z = out.S[:, :b.n_in], out.Z[:, :b.n_in]
     return out
 
 
@@ -269,12 +272,25 @@ if triton is not None:
 
     @triton.jit
     def _block_kernel(W_ptr, Hinv_ptr, Q_ptr, Err_ptr, Loss_ptr, S_ptr, Z_ptr, scale_ptr, zero_ptr, CW_ptr,
-                      rows, count, n_in,
+                      rows, count, n_in, n_s,
                       BR: tl.constexpr, BC: tl.constexpr, GS: tl.constexpr, MAXQ: tl.constexpr,
                       SYM: tl.constexpr, MINZ: tl.constexpr, MSE: tl.constexpr, WEIGHTED: tl.constexpr,
                       MSE_STEPS: tl.constexpr, MSE_STEP: tl.constexpr, FP16_TINY: tl.constexpr,
                       FP16_MAX: tl.constexpr):
         # (A kernel's launch signature: pointers and compile-time constants, no dataclass.)
+        # This program's problem of the batch: every pointer moves to its slice.
+        p = tl.program_id(1).to(tl.int64)
+        W_ptr += p * rows * count
+        Q_ptr += p * rows * count
+        Err_ptr += p * rows * count
+        Loss_ptr += p * rows * count
+        Hinv_ptr += p * count * count
+        S_ptr += p * n_s * rows
+        Z_ptr += p * n_s * rows
+        scale_ptr += p * rows
+        zero_ptr += p * rows
+        if WEIGHTED:
+            CW_ptr += p * count
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         c = tl.arange(0, BC)
         rmask = r < rows

@@ -76,7 +76,9 @@ class GPTQResult:
 
 
 class CholeskyFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index  # which problem of a batch
 
 
 # --------------------------------------------------------------------------- the Hessian
@@ -171,15 +173,16 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_pe
     = W + W·D·H⁻¹. ‖Q X̃ᵀ − W Xᵀ‖² is ‖(Q − W*) X̃ᵀ‖² plus a constant, so GPTQ run on W* with
     H minimises the error against the full-precision outputs, correcting what the layers
     before have already lost. Moved alpha of the way (H dampened as the solve dampens it);
-    unchanged if that H has no Cholesky factor (the solve then reports it)."""
+    unchanged if that H has no Cholesky factor (the solve then reports it). W [..., rows,
+    columns], H and D [..., columns, columns]: a batch of problems works each on its own."""
     Hd = H.clone()
-    Hd.diagonal().add_(damp_percent * Hd.diagonal().mean())
+    for h in Hd.view(-1, *Hd.shape[-2:]):
+        h.diagonal().add_(damp_percent * h.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(Hd)
     del Hd
-    if info.item() != 0:
-        return W
-    shift = torch.cholesky_solve(D.T @ W.T, L).T
-    return W + alpha * shift if torch.isfinite(shift).all() else W
+    shift = torch.cholesky_solve(D.mT @ W.mT, L).mT
+    good = (info == 0) & torch.isfinite(shift).flatten(-2).all(-1)
+    return torch.where(good[..., None, None], W + alpha * shift, W)
 
 
 # --------------------------------------------------------------------------- the quantization grid
@@ -187,18 +190,18 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp_pe
 
 def find_params(x: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float32 [rows] each) for each row of x [rows, n].
+    """Scale and zero point (float32 [..., rows] each) for each row of x [..., rows, n].
 
     Min-max, or with cfg.mse the shrunk range with the least squared error (each column's
-    error times weight [n], when given). Scales are
+    error times weight [..., n], when given). Scales are
     rounded to float16, the precision a checkpoint stores them in, so that what we
     quantize against is exactly what a loader dequantizes with. Asymmetric zero points
     stay >= cfg.min_zero: a range that would want a smaller one widens its scale instead.
     """
     maxq = cfg.maxq
     x = x.float()
-    xmin = x.amin(dim=1).clamp(max=0)
-    xmax = x.amax(dim=1).clamp(min=0)
+    xmin = x.amin(dim=-1).clamp(max=0)
+    xmax = x.amax(dim=-1).clamp(min=0)
     if cfg.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -236,9 +239,9 @@ def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def _group_err(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
                weight: torch.Tensor | None) -> torch.Tensor:
-    q = quantize(x, scale[:, None], zero[:, None], maxq)
-    err = (dequantize(q, scale[:, None], zero[:, None]) - x).pow(2)
-    return (err if weight is None else err * weight).sum(dim=1)
+    q = quantize(x, scale[..., None], zero[..., None], maxq)
+    err = (dequantize(q, scale[..., None], zero[..., None]) - x).pow(2)
+    return (err if weight is None else err * weight[..., None, :]).sum(dim=-1)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -254,47 +257,65 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def inverse_hessian(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, and the damp used.
+    """inverse_hessians for one H [n, n]: (Hinv, damp)."""
+    Hinv, damps = inverse_hessians(H[None], damp_percent)
+    return Hinv[0], damps[0]
 
-    If H is not positive definite even after dampening, damp is doubled, up to MAX_DAMP,
-    and each increase is logged. H's diagonal is dampened in place (and left so).
+
+def inverse_hessians(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, list[float]]:
+    """Upper Cholesky factors of (H + damp·mean(diag H)·I)⁻¹ for a batch H [B, n, n], and
+    the damp each used.
+
+    If an H is not positive definite even after dampening, its damp is doubled, up to
+    MAX_DAMP, and each increase is logged (the others keep theirs). H's diagonals are
+    dampened in place (and left so).
     """
-    n = H.shape[0]
-    diag = H.diagonal().clone()
-    mean_diag = torch.mean(diag).item()
-    damp = damp_percent
+    B, n = H.shape[0], H.shape[-1]
+    diag = H.diagonal(dim1=-2, dim2=-1).clone()
+    mean_diag = torch.stack([d.mean() for d in diag]).tolist()
+    damps = [damp_percent] * B
+    todo = list(range(B))
+    Hinv = None
     while True:
-        H.diagonal().copy_(diag + damp * mean_diag)
-        Hinv = upper_cholesky_of_inverse(H)
-        if Hinv is not None:
-            return Hinv, damp
-        if damp >= MAX_DAMP:
-            raise CholeskyFailed(
-                f"the Hessian is not positive definite even with damp_percent={damp:g} (the most tried); "
-                "use more calibration samples (--num-samples) or longer ones (--max_len)"
-            )
-        new = min(damp * 2, MAX_DAMP)
-        log.warning("Cholesky of the %dx%d Hessian failed with damp_percent=%g; retrying with %g "
-                    "(more or longer calibration samples, or a larger --damp-percent, avoid this)", n, n, damp, new)
-        damp = new
+        for k in todo:
+            H[k].diagonal().copy_(diag[k] + damps[k] * mean_diag[k])
+        U, ok = upper_cholesky_of_inverse(H if len(todo) == B else H[todo])
+        if Hinv is None:
+            Hinv = U
+        else:
+            Hinv[todo] = U
+        del U
+        failed = [k for k, good in zip(todo, ok.tolist()) if not good]
+        if not failed:
+            return Hinv, damps
+        for k in failed:
+            if damps[k] >= MAX_DAMP:
+                raise CholeskyFailed(
+                    f"the Hessian is not positive definite even with damp_percent={damps[k]:g} (the most tried); "
+                    "use more calibration samples (--num-samples) or longer ones (--max_len)", index=k)
+            new = min(damps[k] * 2, MAX_DAMP)
+            log.warning("Cholesky of the %dx%d Hessian failed with damp_percent=%g; retrying with %g "
+                        "(more or longer calibration samples, or a larger --damp-percent, avoid this)", n, n,
+                        damps[k], new)
+            damps[k] = new
+        todo = failed
 
 
-def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor | None:
-    """U upper triangular with UᵀU = H⁻¹, or None if H is not positive definite.
+def upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U upper triangular with UᵀU = H⁻¹ for each H [..., n, n], and whether it is one
+    (False: H is not positive definite; U is then garbage).
 
     With J the reversal permutation and K the lower Cholesky factor of JHJ,
     H = (JKJ)(JKJ)ᵀ with JKJ upper triangular, so U = (JKJ)⁻¹ = J K⁻¹ J: one
     Cholesky and one triangular solve, instead of a Cholesky, an inverse from it and
     a second Cholesky. At most three matrices of H's size are alive at once.
     """
-    K, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if info.item() != 0:
-        return None
-    Kinv = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    K, info = torch.linalg.cholesky_ex(H.flip(-2, -1))
+    Kinv = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(K).contiguous()
     torch.linalg.solve_triangular(K, Kinv, upper=False, out=Kinv)
     del K
-    U = Kinv.flip(0, 1)
-    return U if torch.isfinite(U).all() else None
+    U = Kinv.flip(-2, -1)
+    return U, (info == 0) & torch.isfinite(U).flatten(-2).all(-1)
 
 
 def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
@@ -308,31 +329,32 @@ def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
 
 @dataclass
 class Block:
-    """One lazy-batch block of columns, handed to the inner loop."""
+    """One lazy-batch block of columns of a batch of B problems, handed to the inner loop."""
 
-    W: torch.Tensor  # [rows, count], error-compensated so far; updated in place
-    Hinv: torch.Tensor  # [count, count], the block's part of the upper Cholesky factor of H⁻¹
-    scale: torch.Tensor  # [rows] the current group's, when no group starts inside the block
-    zero: torch.Tensor  # [rows]
+    W: torch.Tensor  # [B, rows, count], error-compensated so far; updated in place
+    Hinv: torch.Tensor  # [B, count, count], the block's part of the upper Cholesky factor of H⁻¹
+    scale: torch.Tensor  # [B, rows] the current group's, when no group starts inside the block
+    zero: torch.Tensor  # [B, rows]
     gs_in: int  # the group size when groups start inside the block, else 0
     n_in: int  # how many groups start inside the block
-    per_col: list | None = None  # static groups: (scale, zero) of each column
-    clip_weight: torch.Tensor | None = None  # [count] the clipping search's column weights (None: uniform)
+    per_col: list | None = None  # static groups: (scale, zero) of each column, [B, rows] each
+    clip_weight: torch.Tensor | None = None  # [B, count] the clipping search's column weights (None: uniform)
 
 
 @dataclass
 class BlockOut:
-    Q: torch.Tensor  # [rows, count] codes
-    Err: torch.Tensor  # [rows, count] scaled errors (w - q) / Hinv_cc
-    Losses: torch.Tensor  # [rows, count] Err²
-    S: torch.Tensor  # [n_in, rows] scales of the groups starting inside the block
-    Z: torch.Tensor  # [n_in, rows] their zero points
+    Q: torch.Tensor  # [B, rows, count] codes
+    Err: torch.Tensor  # [B, rows, count] scaled errors (w - q) / Hinv_cc
+    Losses: torch.Tensor  # [B, rows, count] Err²
+    S: torch.Tensor  # [B, n_in, rows] scales of the groups starting inside the block
+    Z: torch.Tensor  # [B, n_in, rows] their zero points
 
     @classmethod
     def zeros(cls, b: Block) -> BlockOut:
-        rows = b.W.shape[0]
+        batch, rows, _ = b.W.shape
         return cls(Q=torch.zeros_like(b.W), Err=torch.zeros_like(b.W), Losses=torch.zeros_like(b.W),
-                   S=torch.zeros(b.n_in, rows, device=b.W.device), Z=torch.zeros(b.n_in, rows, device=b.W.device))
+                   S=torch.zeros(batch, b.n_in, rows, device=b.W.device),
+                   Z=torch.zeros(batch, b.n_in, rows, device=b.W.device))
 
     def clone(self) -> BlockOut:
         return BlockOut(self.Q.clone(), self.Err.clone(), self.Losses.clone(), self.S.clone(), self.Z.clone())
@@ -346,22 +368,23 @@ def quantize_block(b: Block, out: BlockOut, cfg: QuantConfig) -> None:
     No host synchronisation: the loop can be captured in a CUDA graph.
     """
     scale, zero = b.scale, b.zero
-    for i in range(b.W.shape[1]):
+    for i in range(b.W.shape[-1]):
         if b.per_col is not None:
             scale, zero = b.per_col[i]
         elif b.gs_in and i % b.gs_in == 0:
-            s, z = find_params(b.W[:, i:i + b.gs_in], cfg, _part(b.clip_weight, i, i + b.gs_in))
+            s, z = find_params(b.W[..., i:i + b.gs_in], cfg, _part(b.clip_weight, i, i + b.gs_in))
             scale.copy_(s)
             zero.copy_(z)
-            out.S[i // b.gs_in].copy_(s)
-            out.Z[i // b.gs_in].copy_(z)
-        w = b.W[:, i]
+            out.S[:, i // b.gs_in].copy_(s)
+            out.Z[:, i // b.gs_in].copy_(z)
+        w = b.W[..., i]
         q = quantize(w, scale, zero, cfg.maxq)
-        err = (w - dequantize(q, scale, zero)) / b.Hinv[i, i]
-        out.Q[:, i] = q
-        out.Losses[:, i] = err**2
-        out.Err[:, i] = err
-        b.W[:, i:].addr_(err, b.Hinv[i, i:], alpha=-1)
+        err = (w - dequantize(q, scale, zero)) / b.Hinv[:, i, i, None]
+        out.Q[..., i] = q
+        out.Losses[..., i] = err**2
+        out.Err[..., i] = err
+        for k in range(b.W.shape[0]):  # (addr_ per problem: one fused multiply-add, as the kernel does it)
+            b.W[k, :, i:].addr_(err[k], b.Hinv[k, i, i:], alpha=-1)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False,
@@ -373,7 +396,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
     saves a copy of it (the largest Hessians are over a gigabyte). D (GPTAQ's cross
     products, CrossProducts) moves the target toward the full-precision model's outputs.
     """
-    rows, columns = W.shape
+    return gptq_batch(W[None], H[None], cfg, overwrite_h, None if D is None else D[None])[0]
+
+
+def gptq_batch(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool = False,
+               D: torch.Tensor | None = None) -> list[GPTQResult]:
+    """gptq() for B problems of the same shape at once — W [B, rows, columns], H (and D)
+    [B, columns, columns] — each result as gptq() would give it alone: every step runs
+    batched (one Cholesky, one kernel launch per block for all B; MoE experts)."""
+    B, rows, columns = W.shape
     gs = cfg.group_size if cfg.group_size > 0 else columns
     n_groups = math.ceil(columns / gs)
     bs = block_size(cfg.group_size, columns, cfg.blocksize)
@@ -382,45 +413,55 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
 
     # Inputs that never fire (padding, say): nothing to fit. Their diagonal gets the live
     # columns' mean, so that they leave the dampening (a fraction of the mean) as it was.
-    diag = torch.diag(H)
+    diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
-    H[dead, dead] = diag[~dead].mean() if bool((~dead).any()) else 1.0
+    if bool(dead.any()):
+        for k in range(B):
+            d = dead[k]
+            H[k][d, d] = diag[k][~d].mean() if bool((~d).any()) else 1.0
     if D is not None:
         W = asymmetric_target(W, H, D, cfg.damp_percent, cfg.gptaq_alpha)
-    W[:, dead] = 0
+    W.masked_fill_(dead[:, None, :], 0)
 
-    imp = torch.diag(H)  # (a copy) each input column's importance: E[x²], up to a factor
+    imp = diag.clone()  # each input column's importance: E[x²], up to a factor
     perm = None
     if cfg.desc_act:  # act-order: the columns with the largest inputs first
-        perm = torch.argsort(imp, descending=True)
+        perm = torch.stack([torch.argsort(v, descending=True) for v in imp])
     elif cfg.act_group_aware:
-        perm = group_aware_order(imp, gs)
+        perm = torch.stack([group_aware_order(v, gs) for v in imp])
     if perm is not None:
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        imp = imp[perm]
+        W = W.gather(2, perm[:, None, :].expand_as(W))
+        H = H.gather(1, perm[:, :, None].expand_as(H)).gather(2, perm[:, None, :].expand_as(H))
+        imp = imp.gather(1, perm)
 
-    Hinv, damp = inverse_hessian(H, cfg.damp_percent)
-    del H
+    Hinv, damps = inverse_hessians(H, cfg.damp_percent)
+    del H, diag
     clip = _clip_weights(cfg, imp, Hinv)  # in quantization order; None: uniform
 
     # Static groups: parameters from the original weights, in the original column order.
     static = None
     if cfg.static_groups:
-        back = torch.argsort(perm) if perm is not None else slice(None)
-        static = _group_params(W[:, back], gs, n_groups, cfg, clip[back] if clip is not None else None)
+        back = torch.argsort(perm, dim=-1) if perm is not None else None
+        W0 = W if back is None else W.gather(2, back[:, None, :].expand_as(W))
+        clip0 = clip if back is None or clip is None else clip.gather(1, back)
+        static = _group_params(W0, gs, n_groups, cfg, clip0)
+        del W0
     # Group of each column in quantization order: groups are formed in that order
     # (act-order), except static groups and group-aware order, which keep the original ones.
     keep = perm is not None and (static is not None or cfg.act_group_aware)
-    source = perm if keep else torch.arange(columns, device=W.device)
+    source = perm if keep else torch.arange(columns, device=W.device).expand(B, columns)
     g_perm = (source // gs).to(torch.int32)
-    per_col = [static[g] for g in g_perm.tolist()] if static is not None else None
+    if static is not None:  # [B, groups, rows], looked up per column below
+        static_scale = torch.stack([s for s, _ in static], dim=1)
+        static_zero = torch.stack([z for _, z in static], dim=1)
+        batch = torch.arange(B, device=W.device)
+        g_cols = g_perm.long()
 
     Q = torch.zeros_like(W)
     Losses = torch.zeros_like(W)
     scales, zeros = [], []
-    scale = torch.zeros(rows, device=W.device)
-    zero = torch.zeros(rows, device=W.device)
+    scale = torch.zeros(B, rows, device=W.device)
+    zero = torch.zeros(B, rows, device=W.device)
     gs_in = gs if gs <= bs else 0  # groups start inside blocks (else only at block starts)
     solve_block = fastpath.block_solver(W, cfg, quantize_block)
 
@@ -429,38 +470,48 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: bool =
         if static is None and not gs_in and i1 % gs == 0:
             # A group larger than the block starts here: its parameters come from the
             # current (error-compensated) block and the not yet updated rest of the group.
-            scale, zero = find_params(W[:, i1:i1 + gs].contiguous(), cfg, _part(clip, i1, i1 + gs))
+            scale, zero = find_params(W[..., i1:i1 + gs].contiguous(), cfg, _part(clip, i1, i1 + gs))
             scales.append(scale)
             zeros.append(zero)
-        block = Block(W=W[:, i1:i2].clone(), Hinv=Hinv[i1:i2, i1:i2], scale=scale, zero=zero, gs_in=gs_in,
-                      n_in=math.ceil((i2 - i1) / gs_in) if gs_in else 0,
-                      per_col=per_col[i1:i2] if per_col is not None else None, clip_weight=_part(clip, i1, i2))
+        per_col = None
+        if static is not None:
+            per_col = [(static_scale[batch, g_cols[:, c]], static_zero[batch, g_cols[:, c]]) for c in range(i1, i2)]
+        block = Block(W=W[..., i1:i2].clone(), Hinv=Hinv[:, i1:i2, i1:i2], scale=scale, zero=zero, gs_in=gs_in,
+                      n_in=math.ceil((i2 - i1) / gs_in) if gs_in else 0, per_col=per_col,
+                      clip_weight=_part(clip, i1, i2))
         out = solve_block(block)
         if gs_in and static is None:
-            scales.extend(out.S)
-            zeros.extend(out.Z)
-        Q[:, i1:i2] = out.Q
-        Losses[:, i1:i2] = out.Losses / 2
-        W[:, i2:] -= out.Err @ Hinv[i1:i2, i2:]  # the lazy batch update of the later columns
+            scales.extend(out.S.unbind(1))
+            zeros.extend(out.Z.unbind(1))
+        Q[..., i1:i2] = out.Q
+        Losses[..., i1:i2] = out.Losses / 2
+        W[..., i2:] -= _matmul(out.Err, Hinv[:, i1:i2, i2:])  # the lazy batch update of the later columns
 
     if static is not None:
-        scale_t = torch.stack([s for s, _ in static])
-        zero_t = torch.stack([z for _, z in static])
+        scale_t, zero_t = static_scale, static_zero
     else:
-        scale_t = torch.stack(scales)
-        zero_t = torch.stack(zeros)
+        scale_t = torch.stack(scales, dim=1)  # [B, groups, rows]
+        zero_t = torch.stack(zeros, dim=1)
         if cfg.act_group_aware and perm is not None:  # formed in importance order: back to group order
-            order = g_perm[::gs].long()
-            scale_t = torch.empty_like(scale_t).index_copy_(0, order, scale_t)
-            zero_t = torch.empty_like(zero_t).index_copy_(0, order, zero_t)
+            order = g_perm[:, ::gs].long()[..., None].expand_as(scale_t)
+            scale_t = torch.empty_like(scale_t).scatter_(1, order, scale_t)
+            zero_t = torch.empty_like(zero_t).scatter_(1, order, zero_t)
     g_idx = g_perm
     if perm is not None:
-        invperm = torch.argsort(perm)
-        Q = Q[:, invperm]
-        g_idx = g_perm[invperm]
-    weight = dequantize(Q, scale_t[g_idx.long()].T, zero_t[g_idx.long()].T)
-    return GPTQResult(Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx.to(torch.int32),
-                      weight=weight, losses=Losses.sum(dim=1), damp=damp)
+        invperm = torch.argsort(perm, dim=-1)
+        Q = Q.gather(2, invperm[:, None, :].expand_as(Q))
+        g_idx = g_perm.gather(1, invperm)
+    by_column = g_idx.long()[..., None].expand(B, columns, rows)
+    weight = dequantize(Q, scale_t.gather(1, by_column).mT, zero_t.gather(1, by_column).mT)
+    Q, zero_t, losses = Q.to(torch.uint8), zero_t.to(torch.int32), Losses.sum(dim=-1)
+    return [GPTQResult(Q=Q[k], scale=scale_t[k], zero=zero_t[k], g_idx=g_idx[k], weight=weight[k], losses=losses[k],
+                       damp=damps[k]) for k in range(B)]
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for batches; a batch of one as a plain matrix product (the same kernel, so the
+    same bits, as a single problem's)."""
+    return (a[0] @ b[0])[None] if a.shape[0] == 1 else torch.bmm(a, b)
 
 
 def group_aware_order(imp: torch.Tensor, gs: int) -> torch.Tensor:
@@ -478,21 +529,23 @@ def group_aware_order(imp: torch.Tensor, gs: int) -> torch.Tensor:
 
 
 def _clip_weights(cfg: QuantConfig, imp: torch.Tensor, Hinv: torch.Tensor) -> torch.Tensor | None:
-    """The clipping search's column weights (CLIP_WEIGHTS), scaled to mean 1; None: uniform."""
+    """The clipping search's column weights [..., columns] (CLIP_WEIGHTS), scaled to mean 1
+    per problem; None: uniform."""
     if not cfg.mse or cfg.clip_weight == "uniform":
         return None
-    w = imp if cfg.clip_weight == "activation" else Hinv.diagonal().pow(-2)
-    return (w / w.mean()).contiguous()
+    w = imp if cfg.clip_weight == "activation" else Hinv.diagonal(dim1=-2, dim2=-1).pow(-2)
+    return torch.stack([v / v.mean() for v in w.reshape(-1, w.shape[-1])]).view(w.shape)
 
 
 def _part(t: torch.Tensor | None, i1: int, i2: int) -> torch.Tensor | None:
-    return None if t is None else t[i1:i2]
+    return None if t is None else t[..., i1:i2]
 
 
 def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig,
                   weight: torch.Tensor | None = None) -> list:
-    """(scale, zero) of each group of `gs` columns of W, from W as it is."""
-    return [find_params(W[:, g * gs:(g + 1) * gs], cfg, _part(weight, g * gs, (g + 1) * gs)) for g in range(n_groups)]
+    """(scale, zero) of each group of `gs` columns of W [..., rows, columns], from W as it is."""
+    return [find_params(W[..., g * gs:(g + 1) * gs], cfg, _part(weight, g * gs, (g + 1) * gs))
+            for g in range(n_groups)]
 
 
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:

@@ -140,19 +140,34 @@ class UnfusedExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.calibrate_all:
+            return self._every_expert(hidden_states, top_k_index, top_k_weights)
+        # The routed rows sorted by expert (one host synchronisation for the counts), each
+        # expert's a contiguous slice; the weighted results back in routing order, summed
+        # over each token's top-k (deterministic: no atomic additions on a GPU).
+        tokens, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat.clamp(-1, self.num_experts) + 1, minlength=self.num_experts + 2).tolist()
+        xs = hidden_states[order // k]
+        ys = torch.zeros_like(xs)
+        start = counts[0]  # (rows routed to no valid expert, first and last, stay zero)
+        for e, n in enumerate(counts[1:-1]):
+            if n:
+                m, x = self[e], xs[start:start + n]
+                ys[start:start + n] = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            start += n
+        routed = torch.empty_like(ys)
+        routed[order] = (ys * top_k_weights.reshape(-1)[order, None]).to(ys.dtype)
+        return routed.view(tokens, k, -1).sum(dim=1)
+
+    def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        experts = range(self.num_experts) if self.calibrate_all else top_k_index.unique().tolist()
-        for e in experts:
-            if not 0 <= e < self.num_experts:
-                continue
+        for e in range(self.num_experts):
             token_idx, pos = torch.where(top_k_index == e)
             m = self[e]
-            if self.calibrate_all:
-                x = hidden_states
-                y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))[token_idx]
-            else:
-                x = hidden_states[token_idx]
-                y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            y = m.down_proj(self.act_fn(m.gate_proj(hidden_states)) * m.up_proj(hidden_states))[token_idx]
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 

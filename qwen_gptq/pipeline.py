@@ -33,7 +33,7 @@ from . import distributed, fastpath, gptq_v1, runtime
 from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
-from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, gptq, rtn
+from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, gptq_batch, rtn
 from .resume import WorkDir
 from .runtime import LayerForwards, LayerInputs, Mover, StopForward, Weights
 
@@ -547,16 +547,17 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
     group.cross.clear()
 
-    def solve(lead: str, W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None) -> GPTQResult:
+    def solve(names: list[str], W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None) -> list[GPTQResult]:
         if H is None:
-            return rtn(W, cfg)
+            return [rtn(w, cfg) for w in W]
         try:
-            res = gptq(W, H, cfg, overwrite_h=True, D=D)
+            results = gptq_batch(W, H, cfg, overwrite_h=True, D=D)
         except CholeskyFailed as e:
-            raise QuantizationFailed(f"layer {i} {lead}: {e}") from None
-        if not torch.isfinite(res.weight).all():
-            raise QuantizationFailed(f"layer {i} {lead}: quantization produced NaN/Inf weights")
-        return res
+            raise QuantizationFailed(f"layer {i} {names[e.index]}: {e}") from None
+        finite = torch.stack([torch.isfinite(r.weight).all() for r in results]).tolist()
+        if not all(finite):
+            raise QuantizationFailed(f"layer {i} {names[finite.index(False)]}: quantization produced NaN/Inf weights")
+        return results
 
     t0 = time.perf_counter()
     for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve, cross=cfg.gptaq)):

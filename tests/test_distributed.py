@@ -102,7 +102,7 @@ SOLVE_SCRIPT = """
 import json, sys
 import torch
 from qwen_gptq import distributed
-from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq
+from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
@@ -121,7 +121,7 @@ def problems(rows):
         out.append(distributed.Problem(f"p{k}", [W], h, c))
     return out
 
-solve = lambda name, W, H, D: gptq(W, H, cfg, D=D)
+solve = lambda names, W, H, D: gptq_batch(W, H, cfg, D=D)
 mine = slice(group.rank * n // group.size, (group.rank + 1) * n // group.size)
 report = {}
 for label, chosen in (("owners", [0, 1, 2]), ("split", [0])):  # 3 problems: owners; 1 problem: rows split

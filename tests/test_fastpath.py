@@ -48,13 +48,28 @@ SCRIPT = textwrap.dedent("""
                     "codes": torch.equal(a.Q, b.Q), "scales": torch.equal(a.scale, b.scale), "zeros": torch.equal(a.zero, b.zero),
                     "loss_rel": abs(a.losses.sum().item() / b.losses.sum().item() - 1)})
 
+    # A batch (MoE experts): one launch per block for all problems, each problem's own bits.
+    cfg_b = G.QuantConfig(bits=4, group_size=64, clip_weight="loss")
+    Ws = torch.randn(3, 8, 128, generator=g)
+    Xs = torch.randn(3, 256, 128, generator=g) * torch.linspace(0.1, 3, 128)
+    Hs = 2 * Xs.mT @ Xs / 256
+    before = calls["n"]
+    batch = G.gptq_batch(Ws, Hs, cfg_b)
+    launches = calls["n"] - before
+    os.environ["QWEN_GPTQ_TRITON"] = "0"
+    alone = [G.gptq(Ws[k], Hs[k], cfg_b) for k in range(3)]
+    os.environ["QWEN_GPTQ_TRITON"] = "1"
+    batched = {"launches": launches, "equal": all(torch.equal(a.Q, b.Q) and torch.equal(a.scale, b.scale)
+                                                  for a, b in zip(batch, alone)),
+               "loss_rel": max(abs(a.losses.sum().item() / b.losses.sum().item() - 1) for a, b in zip(batch, alone))}
+
     # A kernel that fails (a GPU Triton cannot build for) hands over to the loop, once.
     def broken(*a, **k):
         raise RuntimeError("no kernel for this GPU")
     fastpath.triton_block = broken
     fallback = G.gptq(W, H, cfg)
     fell_back = {"equal": torch.equal(fallback.Q, b.Q), "disabled": not fastpath.triton_available(W)}
-    print(json.dumps({"cases": out, "fallback": fell_back}))
+    print(json.dumps({"cases": out, "batched": batched, "fallback": fell_back}))
 """)
 
 
@@ -70,5 +85,7 @@ def test_triton_kernel_matches_the_pytorch_loop():
         assert case["kernel_used"] and not case["loop_used_kernel"], case
         assert case["codes"] and case["scales"] and case["zeros"], case
         assert case["loss_rel"] < 1e-6, case
+    batched = result["batched"]
+    assert batched["launches"] == 1 and batched["equal"] and batched["loss_rel"] < 1e-6, batched  # 128 columns: one block
     assert result["fallback"] == {"equal": True, "disabled": True}
     assert "using the PyTorch loop instead" in r.stderr

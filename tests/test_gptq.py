@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qwen_gptq.gptq import MAX_DAMP, CholeskyFailed, QuantConfig, find_params, gptq, inverse_hessian, rtn
+from qwen_gptq.gptq import (MAX_DAMP, CholeskyFailed, QuantConfig, find_params, gptq, gptq_batch, inverse_hessian,
+                            inverse_hessians, rtn)
 from qwen_gptq.gptq_v1 import MIN_ZERO
 
 
@@ -65,6 +66,44 @@ def test_failed_cholesky_raises_damp_and_logs(caplog):
     assert damp > 0.01
     assert torch.isfinite(Hinv).all()
     assert "Cholesky" in caplog.text and "damp" in caplog.text
+
+
+@pytest.mark.parametrize("settings", [
+    dict(bits=4, group_size=128), dict(bits=3, group_size=32, sym=False, min_zero=MIN_ZERO),
+    dict(bits=4, group_size=64, desc_act=True, static_groups=True), dict(bits=8, group_size=-1),
+    dict(bits=4, group_size=64, act_group_aware=True, clip_weight="loss"), dict(bits=4, group_size=64, gptaq=True)])
+def test_a_batch_solves_each_problem_as_it_would_alone(settings):
+    """gptq_batch (MoE experts) gives each problem the very bits gptq gives it alone: dead
+    columns, act-order and static groups, clipping weights, GPTAQ, and one Hessian that needs
+    more dampening than the others."""
+    g = torch.Generator().manual_seed(3)
+    cfg = QuantConfig(**settings)
+    Ws, Hs, Ds = [], [], []
+    for k in range(3):
+        W, X, _ = _problem(10 + k, out_f=24, in_f=256, n=512)
+        X[:, 7 * k] = 0  # a dead input column, a different one per problem
+        if k == 1:
+            X = X[:48]  # rank-deficient: needs a larger damp
+            H = 2 * X.T @ X / X.shape[0] - 0.05 * torch.eye(256) * (X**2).mean()
+        else:
+            H = 2 * X.T @ X / X.shape[0]
+        X_fp = X + 0.1 * torch.randn(X.shape, generator=g)
+        Ws.append(W), Hs.append(H), Ds.append(2 * (X_fp - X).T @ X / X.shape[0])
+    D = torch.stack(Ds) if cfg.gptaq else None
+    batch = gptq_batch(torch.stack(Ws), torch.stack(Hs), cfg, D=D)
+    assert batch[1].damp > batch[0].damp == batch[2].damp == cfg.damp_percent
+    for k, res in enumerate(batch):
+        alone = gptq(Ws[k], Hs[k], cfg, D=Ds[k] if cfg.gptaq else None)
+        for field in ("Q", "scale", "zero", "g_idx", "weight", "losses"):
+            assert torch.equal(getattr(res, field), getattr(alone, field)), (k, field)
+        assert res.damp == alone.damp
+
+
+def test_a_batch_names_the_problem_whose_cholesky_fails():
+    H = torch.stack([torch.eye(8), -torch.eye(8), torch.eye(8)])
+    with pytest.raises(CholeskyFailed) as e:
+        inverse_hessians(H, 0.01)
+    assert e.value.index == 1
 
 
 def test_cholesky_gives_up_at_the_damp_ceiling_and_says_so(caplog):

@@ -89,7 +89,7 @@ def test_out_of_gpu_memory_is_retried_to_the_same_output(uninterrupted, tmp_path
     from qwen_gptq import pipeline
 
     _out_of_memory_at(monkeypatch, pipeline, "_measure", lambda n: n == 10)  # layer 2's first group (after the retry)
-    _out_of_memory_at(monkeypatch, pipeline, "gptq", lambda n: n == 6)  # layer 1's second solve
+    _out_of_memory_at(monkeypatch, pipeline, "gptq_batch", lambda n: n == 6)  # layer 1's second solve
     out = tmp_path / "q"
     r = cli("quantize", *ARGS, "--out_path", out, "-q")
     assert r.returncode == 0, r.stderr[-2000:]
