@@ -400,7 +400,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             modules = {n: layer.get_submodule(n) for n in names}
             done: set[str] = set()  # solved and written back (a retry leaves them)
 
-            def step():
+            def step(modules=modules, done=done):  # (run now, within this iteration)
                 rtn_only = run.plan.cfg.method == "rtn"
                 measured = _GroupInputs(modules) if rtn_only else _measure(run, i, layer, forwards, modules, fp_layer)
                 _solve(run, i, modules, measured, done)
@@ -414,7 +414,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             _forward_all(run, i, layer, forwards)
     finally:
         forwards.remove()
-        del fp_layer
+        fp_layer = None  # (GPTAQ's copy of the layer, freed now)
     if run.plan.work is not None and run.plan.group.main:
         _save_layer(run, i, layer)
     _leave(run, layer, start)

@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from qwen_gptq.gptq import (MAX_DAMP, CholeskyFailed, QuantConfig, find_params, gptq, gptq_batch, inverse_hessian,
-                            inverse_hessians, rtn)
+from qwen_gptq.gptq import (
+    MAX_DAMP,
+    CholeskyFailed,
+    QuantConfig,
+    find_params,
+    gptq,
+    gptq_batch,
+    inverse_hessian,
+    inverse_hessians,
+    rtn,
+)
 from qwen_gptq.gptq_v1 import MIN_ZERO
 
 
