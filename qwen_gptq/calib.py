@@ -263,12 +263,31 @@ class Calibration:
         return sum(b.tokens for b in self.batches)
 
 
-def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int) -> list[TokenBatch]:
-    """Group samples (longest first, to waste little padding) into right-padded batches."""
+AUTO_BATCH_TOKENS = 8192  # --batch-size auto: samples of one length together, up to this many tokens a pass
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int | None, pad_id: int) -> list[TokenBatch]:
+    """Group samples (longest first, to waste little padding) into right-padded batches of
+    batch_size; None (auto): samples of the same length together (nothing padded), up to
+    AUTO_BATCH_TOKENS tokens a batch. Fewer, larger passes cost less per token: on an H200
+    a Qwen3-30B-A3B-shaped MoE layer took 5.2-6.5 s one sample at a time and 3.5-4.6 s four
+    at a time (docs/benchmarks.md)."""
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    chunks: list[list[int]] = []
+    for i in order:
+        last = chunks[-1] if chunks else None
+        if batch_size is not None:
+            fits = last is not None and len(last) < batch_size
+        else:
+            n = len(samples[i])
+            fits = last is not None and len(samples[last[0]]) == n and (len(last) + 1) * n <= AUTO_BATCH_TOKENS
+        if fits:
+            last.append(i)
+        else:
+            chunks.append([i])
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [samples[i] for i in order[start:start + batch_size]]
+    for members in chunks:
+        chunk = [samples[i] for i in members]
         T = max(len(s) for s in chunk)
         ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
@@ -280,7 +299,7 @@ def make_batches(samples: list[torch.Tensor], batch_size: int, pad_id: int) -> l
     return batches
 
 
-def calibration(samples: list[Sample], tokenizer: Tokenizer, max_len: int, batch_size: int) -> Calibration:
+def calibration(samples: list[Sample], tokenizer: Tokenizer, max_len: int, batch_size: int | None) -> Calibration:
     """The token batches of the selected samples."""
     ids = tokenize_samples(samples, tokenizer, max_len)
     return Calibration(make_batches(ids, batch_size, pad_token_id(tokenizer)), len(ids))

@@ -137,6 +137,9 @@ class UnfusedExperts(nn.ModuleList):
         # Calibration only: every expert computes every token (so that its Hessian sees them
         # all), while the output still combines just the routed ones, as the model does.
         self.calibrate_all = False
+        # Calibration only: the current batch's padded rows (bool [tokens]; runtime.run_layer
+        # sets it), routed to no expert so that they stay out of the experts' Hessians.
+        self.padding: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -146,6 +149,8 @@ class UnfusedExperts(nn.ModuleList):
         # expert's a contiguous slice; the weighted results back in routing order, summed
         # over each token's top-k (deterministic: no atomic additions on a GPU).
         tokens, k = top_k_index.shape
+        if self.padding is not None and self.padding.shape[0] == tokens:
+            top_k_index = top_k_index.masked_fill(self.padding[:, None], -1)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat.clamp(-1, self.num_experts) + 1, minlength=self.num_experts + 2).tolist()
@@ -164,10 +169,15 @@ class UnfusedExperts(nn.ModuleList):
     def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        x, row = hidden_states, None  # row: a token's row of x (padding left out)
+        if self.padding is not None and self.padding.shape[0] == hidden_states.shape[0]:
+            top_k_index = top_k_index.masked_fill(self.padding[:, None], -1)
+            x, row = hidden_states[~self.padding], torch.cumsum(~self.padding, 0) - 1
         for e in range(self.num_experts):
             token_idx, pos = torch.where(top_k_index == e)
             m = self[e]
-            y = m.down_proj(self.act_fn(m.gate_proj(hidden_states)) * m.up_proj(hidden_states))[token_idx]
+            y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
+            y = y[token_idx if row is None else row[token_idx]]
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
         return out
 

@@ -84,7 +84,9 @@ class QuantizeOptions:
     gpus: str | None = option("quantize data-parallel on N GPUs of this machine, one process each (auto: every "
                               "visible GPU); the same as torchrun --nproc-per-node N -m qwen_gptq quantize ...",
                               None, metavar="N")
-    batch_size: int = option("calibration samples per forward pass", 1, metavar="N")
+    batch_size: str = option("calibration samples per forward pass: N (padded to the longest; the padding is "
+                             "masked out), or auto: samples of one length together, up to 8192 tokens a pass "
+                             "(nothing padded)", "auto", metavar="N|auto")
     seed: int | None = option("shuffle the samples with this seed before --num-samples", None, metavar="S")
     trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
     overwrite: bool = option("replace a non-empty --out_path (and start over instead of resuming)", False)
@@ -136,8 +138,8 @@ class QuantizeOptions:
             raise BadInput(f"--max_len {self.max_len} must be at least 1")
         if self.num_samples is not None and self.num_samples < 1:
             raise BadInput(f"--num-samples {self.num_samples} must be at least 1")
-        if self.batch_size < 1:
-            raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.batch_size != "auto" and not (str(self.batch_size).isdigit() and int(self.batch_size) >= 1):
+            raise BadInput(f"--batch-size {self.batch_size}: expected a number of samples (at least 1) or auto")
         if self.pad_for_tp is not None and self.pad_for_tp < 1:
             raise BadInput(f"--pad-for-tp {self.pad_for_tp} must be at least 1")
         if self.dtype not in DTYPES:
@@ -145,6 +147,11 @@ class QuantizeOptions:
         parse_size(self.max_shard_size)
         if self.gpus is not None and self.gpus != "auto" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
             raise BadInput(f"--gpus {self.gpus}: expected a number of GPUs (at least 1) or auto")
+
+    @property
+    def batch_samples(self) -> int | None:
+        """Samples per pass; None: auto (calib.make_batches)."""
+        return None if self.batch_size == "auto" else int(self.batch_size)
 
     @property
     def shard_bytes(self) -> int:

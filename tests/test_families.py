@@ -172,6 +172,33 @@ def test_expert_without_tokens_falls_back_to_rtn(tmp_path):
     assert ",rtn" not in (tmp_path / "all" / "quant_log.csv").read_text()
 
 
+def _tokens_per_module(out):
+    import csv
+
+    with open(out / "quant_log.csv", newline="") as f:
+        return {(r["layer"], r["module"]): int(r["tokens"]) for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_expert", [False, True])
+def test_padding_stays_out_of_the_experts_hessians(tmp_path, every_expert):
+    """Padded batches (--batch-size 4, samples of different lengths): the experts' Hessians
+    count the very tokens they count one sample at a time, routed or (all experts) not. (Past
+    layer 0 a token's routing may flip with the float order of earlier layers; each layer's
+    routed rows still add up to top-k per real token.)"""
+    src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    extra = ["--num-samples", "6", "--max_len", "1024"] + (["--moe-calibrate-all-experts"] if every_expert else [])
+    one = quantize(src, tmp_path / "b1", "--batch-size", "1", *extra)
+    four = quantize(src, tmp_path / "b4", "--batch-size", "4", *extra)
+    assert one["tokens"] == four["tokens"]
+    a, b = _tokens_per_module(tmp_path / "b1"), _tokens_per_module(tmp_path / "b4")
+    first = [k for k in a if ".experts." in k[1] and k[0] == "0"]
+    assert first and all(a[k] == b[k] for k in first), [(k, a[k], b[k]) for k in first if a[k] != b[k]]
+    for layer in {k[0] for k in b}:
+        gates = [n for (i, m), n in b.items() if i == layer and ".experts." in m and m.endswith("gate_proj")]
+        assert (gates == [one["tokens"]] * 4) if every_expert else (sum(gates) == 2 * one["tokens"]), (layer, gates)
+
+
 def test_models_lists_every_family():
     r = cli("models", "--json")
     assert r.returncode == 0

@@ -290,7 +290,7 @@ def test_tokens_reported_and_weights_change(tmp_path):
 def test_batching_pads_without_changing_the_result(tmp_path):
     """--batch-size > 1 pads samples to a common length; padded positions are masked out of
     the Hessians and attention, so the quantization matches batch size 1."""
-    reports = [quantize(tmp_path / f"b{bs}", 4, num_samples=8, max_len=64, batch_size=bs) for bs in (1, 4)]
+    reports = [quantize(tmp_path / f"b{bs}", 4, num_samples=8, max_len=64, batch_size=str(bs)) for bs in (1, 4)]
     assert reports[0]["tokens"] == reports[1]["tokens"]
     a, b = read_tensors(tmp_path / "b1"), read_tensors(tmp_path / "b4")
     # Layer 0 sees the same inputs up to float summation order: (nearly) the same codes.
