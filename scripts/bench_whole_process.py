@@ -82,7 +82,7 @@ def main():
     worker = [sys.executable, __file__, "--gptqmodel-worker"]
     theirs = worker + [str(tmp / "ids.json"), a.model, str(tmp / "theirs"), str(a.bits), str(a.group_size),
                        a.gptqmodel_dtype]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     timed(worker + [str(tmp / "warm.json"), a.model, str(tmp / "warm"), str(a.bits), str(a.group_size),
                     a.gptqmodel_dtype], env)
 
