@@ -463,7 +463,12 @@ class _GroupInputs:
             if x2.shape[0]:
                 if name not in self.hessians:
                     self.hessians[name] = Hessian(x2.shape[1], x2.device)
-                self.hessians[name].add(x2)
+                # Sample by sample when nothing is padded: the Hessian then gathers and
+                # multiplies the very rows it would one sample a pass (--batch-size auto
+                # gives the same bits as 1).
+                unpadded = self.valid is None and x.dim() == 3
+                for rows in x2.split(x.shape[1]) if unpadded else (x2,):
+                    self.hessians[name].add(rows)
             if self.fp is not None:
                 self._pair(name, x2)
         self.fired.add(name)
