@@ -318,6 +318,7 @@ def _arrive(run: _Run, layer: nn.Module, next_layer: nn.Module | None) -> float:
 def _leave(run: _Run, layer: nn.Module, start: float) -> None:
     t0 = time.perf_counter()
     run.mover.to_host(layer)
+    runtime.return_free_host_memory()  # (host memory flat with depth)
     run.outcome.timings["move"] += time.perf_counter() - t0
     run.outcome.layer_seconds.append(time.perf_counter() - start)
 

@@ -420,6 +420,19 @@ def host_memory_returned_on_free() -> None:
         pass
 
 
+def return_free_host_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), between layers.
+    The thresholds above keep large blocks out of the heap, but a layer's many smaller
+    allocations still leave free holes inside it, and a streamed 16-layer run of Qwen2.5-1.5B's
+    layer shape crept from 0.78 to 1.00 GB (heap in use flat at 174 MB, its free space
+    growing); trimmed after each layer it stayed at 0.70 GB. A few milliseconds a layer.
+    Elsewhere (not glibc) a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set(coll: dict, k: str, value: torch.Tensor) -> None:
     if isinstance(coll[k], nn.Parameter):
         coll[k].data = value
