@@ -176,10 +176,9 @@ def solve_all(group: Group, problems: list[Problem], solve: Solve,
         for i in batch:
             problems[i].hessian = problems[i].cross = None
         scales = [2.0 / counts[i] if counts[i] else 0.0 for i in batch]
-        H = _stacked([h.products() if h is not None else None for h in hessians], scales) if counts[batch[0]] else None
-        del hessians
-        D = _stacked([c.D for c in crosses], scales) if paired[batch[0]] else None
-        del crosses
+        H = _stacked(hessians, scales, Hessian.products) if counts[batch[0]] else None
+        D = _stacked(crosses, scales, lambda c: c.D) if paired[batch[0]] else None
+        del hessians, crosses
         done.update(zip(batch, solve([problems[i].name for i in batch],
                                      torch.stack([problems[i].stacked() for i in batch]), H, D)))
         del H, D
@@ -202,15 +201,19 @@ def _batches(problems: list[Problem], which, counts: list[int], paired: list[boo
     return sorted(batches)
 
 
-def _stacked(parts: list[torch.Tensor], scales: list[float] | None = None) -> torch.Tensor:
-    """[B, n, n] from B matrices, each times its scale when given. Each part is released
-    from the list once copied (freed then, when nothing else holds it)."""
-    out = torch.empty(len(parts), *parts[0].shape, device=parts[0].device, dtype=torch.float32)
+def _stacked(parts: list, scales: list[float] | None = None, matrix=lambda t: t) -> torch.Tensor:
+    """[B, n, n] from B parts' matrix(part), each times its scale when given. Each part is
+    released from the list once copied (freed then, when nothing else holds it: the batch's
+    Hessians are never all there twice)."""
+    out = None
     for k in range(len(parts)):
-        out[k].copy_(parts[k])
+        m = matrix(parts[k])
+        if out is None:
+            out = torch.empty(len(parts), *m.shape, device=m.device, dtype=torch.float32)
+        out[k].copy_(m)
         if scales is not None:
             out[k].mul_(scales[k])
-        parts[k] = None
+        parts[k] = m = None
     return out
 
 

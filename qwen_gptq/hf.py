@@ -139,7 +139,7 @@ class UnfusedExperts(nn.ModuleList):
         self.calibrate_all = False
         # Calibration only: the current batch's padded rows (bool [tokens]; runtime.run_layer
         # sets it), routed to no expert so that they stay out of the experts' Hessians.
-        self.padding: torch.Tensor | None = None
+        self.padded_rows: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -149,8 +149,8 @@ class UnfusedExperts(nn.ModuleList):
         # expert's a contiguous slice; the weighted results back in routing order, summed
         # over each token's top-k (deterministic: no atomic additions on a GPU).
         tokens, k = top_k_index.shape
-        if self.padding is not None and self.padding.shape[0] == tokens:
-            top_k_index = top_k_index.masked_fill(self.padding[:, None], -1)
+        if self.padded_rows is not None and self.padded_rows.shape[0] == tokens:
+            top_k_index = top_k_index.masked_fill(self.padded_rows[:, None], -1)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat.clamp(-1, self.num_experts) + 1, minlength=self.num_experts + 2).tolist()
@@ -170,9 +170,10 @@ class UnfusedExperts(nn.ModuleList):
                       top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         x, row = hidden_states, None  # row: a token's row of x (padding left out)
-        if self.padding is not None and self.padding.shape[0] == hidden_states.shape[0]:
-            top_k_index = top_k_index.masked_fill(self.padding[:, None], -1)
-            x, row = hidden_states[~self.padding], torch.cumsum(~self.padding, 0) - 1
+        padded = self.padded_rows
+        if padded is not None and padded.shape[0] == hidden_states.shape[0]:
+            top_k_index = top_k_index.masked_fill(padded[:, None], -1)
+            x, row = hidden_states[~padded], torch.cumsum(~padded, 0) - 1
         for e in range(self.num_experts):
             token_idx, pos = torch.where(top_k_index == e)
             m = self[e]

@@ -156,11 +156,11 @@ class LayerInputs:
 
 def run_layer(layer: nn.Module, i: int, x: LayerInputs, device: torch.device) -> torch.Tensor:
     """Decoder layer i's output hidden states for one batch. Modules that route tokens
-    (hf.UnfusedExperts: a `padding` attribute) are told the batch's padded rows first."""
-    padding = None if x.valid is None else ~x.valid.to(device, non_blocking=True)
+    (hf.UnfusedExperts: a `padded_rows` attribute) are told the batch's padded rows first."""
+    padded = None if x.valid is None else ~x.valid.to(device, non_blocking=True)
     for m in layer.modules():
-        if hasattr(m, "padding"):
-            m.padding = padding
+        if hasattr(m, "padded_rows"):
+            m.padded_rows = padded
     args, kwargs = x.calls[i]
     out = layer(x.hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
