@@ -6,7 +6,8 @@ over the ranks, and the GPTQ problems are spread over them:
 
 - a group with at least as many problems as ranks (MoE experts) gives each problem one
   owner, assigned by cost (longest first, to the least loaded rank): its Hessian is
-  reduced to the owner, which solves it;
+  reduced to the owner, which solves its problems in batches of one shape, as one
+  process does, and sends each batch's results in one broadcast per tensor;
 - a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
   its rows split over the ranks: the Hessian is all-reduced and each rank solves its
   rows (rows are independent given H).
@@ -15,8 +16,8 @@ Then each result is broadcast from its solver, so that every rank continues with
 same quantized weights. Rank 0 alone writes (work directory, output). Per layer the
 ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
 Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
-quantized weights (one byte per weight for the codes plus the weights in the compute
-dtype), nothing else: activations never leave their rank.
+quantized weights (one byte per weight for the codes plus the weights in float32),
+nothing else: activations never leave their rank.
 
 One process (no torchrun) is a group of one, and every function here is then local.
 """
@@ -259,8 +260,8 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
         crosses.append(summed(c.D if c is not None else None, columns, n, owner) if cross and use else None)
     # Every rank solves what it owns first, then the results travel in order: a rank never
     # waits for another's solve before starting its own.
-    mine: dict[int, GPTQResult] = {}
     if split:
+        mine: dict[int, GPTQResult] = {}
         for i, p in enumerate(problems):
             H, hessians[i] = hessians[i], None
             D, crosses[i] = crosses[i], None
@@ -268,22 +269,31 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
             if rows.stop > rows.start:
                 mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D))[0]
             del H, D
-    else:
-        owned = [i for i, owner in enumerate(owners) if owner == group.rank]
-        for batch in _batches(problems, owned, counts, [c is not None for c in crosses]):
-            H = _stacked(_taken(hessians, batch)) if hessians[batch[0]] is not None else None
-            D = _stacked(_taken(crosses, batch)) if crosses[batch[0]] is not None else None
-            mine.update(zip(batch, solve([problems[i].name for i in batch],
-                                         torch.stack([problems[i].stacked() for i in batch]), H, D)))
-            del H, D
-    for i, (p, n, owner) in enumerate(zip(problems, counts, owners)):
-        W = p.stacked()
-        if split:
-            parts = [_broadcast(group, W[rows], r, mine.pop(i, None) if r == group.rank else None)
-                     for r, rows in enumerate(_rows(group, W.shape[0])) if rows.stop > rows.start]
+        for i, (p, n) in enumerate(zip(problems, counts)):
+            parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r, [mine.pop(i)] if r == group.rank else None,
+                                device)[0]
+                     for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
             yield _joined(parts), n
-        else:
-            yield _broadcast(group, W, owner, mine.pop(i, None)), n
+        return
+    # Owners solve their problems in batches (as one process does) and send each batch's
+    # results in one go: every rank can tell every rank's batches, all being decided alike.
+    has_d = [cross and use and n > 0 for use, n in zip(paired, counts)]
+    batches = [_batches(problems, [i for i, o in enumerate(owners) if o == r], counts, has_d)
+               for r in range(group.size)]
+    solved: dict[tuple[int, ...], list[GPTQResult]] = {}
+    for batch in batches[group.rank]:
+        H = _stacked(_taken(hessians, batch)) if counts[batch[0]] else None
+        D = _stacked(_taken(crosses, batch)) if has_d[batch[0]] else None
+        solved[tuple(batch)] = solve([problems[i].name for i in batch],
+                                     torch.stack([problems[i].stacked() for i in batch]), H, D)
+        del H, D
+    results: dict[int, GPTQResult] = {}
+    for r in range(group.size):
+        for batch in batches[r]:
+            sent = _broadcast(group, problems[batch[0]].shape, r, solved.pop(tuple(batch), None), device, len(batch))
+            results.update(zip(batch, sent))
+    for i, n in enumerate(counts):
+        yield results.pop(i), n
 
 
 def _taken(items: list, which: list[int]) -> list:
@@ -325,21 +335,28 @@ def _joined(parts: list[GPTQResult]) -> GPTQResult:
         damp=max(p.damp for p in parts))
 
 
-def _broadcast(group: Group, W: torch.Tensor, src: int, mine: GPTQResult | None) -> GPTQResult:
-    """`src`'s result for W, on every rank."""
-    rows, columns = W.shape
-    dev = W.device
-    header = torch.tensor([mine.damp, mine.scale.shape[0]] if mine else [0.0, 0.0], dtype=torch.float64, device=dev)
+_RESULT_TENSORS = ("Q", "scale", "zero", "g_idx", "weight", "losses")
+
+
+def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQResult] | None,
+               device: torch.device, count: int = 1) -> list[GPTQResult]:
+    """`src`'s results for `count` problems of W's shape [rows, columns], on every rank: one
+    header (the group count and each damp), then each of the results' tensors stacked."""
+    rows, columns = shape
+    header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
+                          dtype=torch.float64, device=device)
     dist.broadcast(header, src)
-    damp, groups = header[0].item(), int(header[1].item())
-    res = mine or GPTQResult(Q=torch.empty(rows, columns, dtype=torch.uint8, device=dev),
-                             scale=torch.empty(groups, rows, dtype=torch.float32, device=dev),
-                             zero=torch.empty(groups, rows, dtype=torch.int32, device=dev),
-                             g_idx=torch.empty(columns, dtype=torch.int32, device=dev),
-                             weight=torch.empty(rows, columns, dtype=torch.float32, device=dev),
-                             losses=torch.empty(rows, dtype=torch.float32, device=dev), damp=damp)
-    for name in ("Q", "scale", "zero", "g_idx", "weight", "losses"):
-        t = getattr(res, name).contiguous()
-        dist.broadcast(t, src)
-        setattr(res, name, t)
-    return res
+    values = header.tolist()
+    groups, damps = int(values[0]), values[1:]
+    if mine:
+        stacked = {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}
+    else:
+        stacked = {"Q": torch.empty(count, rows, columns, dtype=torch.uint8, device=device),
+                   "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
+                   "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
+                   "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
+                   "weight": torch.empty(count, rows, columns, dtype=torch.float32, device=device),
+                   "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
+    for name in _RESULT_TENSORS:
+        dist.broadcast(stacked[name], src)
+    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, damp=damps[k]) for k in range(count)]
