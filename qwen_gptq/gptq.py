@@ -3,8 +3,10 @@
 Pure functions: nothing here knows about files, modules or models. A `Hessian`
 accumulates H = 2/n · Σ x xᵀ over a Linear's inputs; `gptq()` takes it with the weight
 W [rows = out_features, columns = in_features] and returns the integer codes, the
-per-group scale and zero point, g_idx, the dequantized weight and the loss. The same
-code runs on CPU and CUDA; how the inner loop runs fastest is fastpath's business.
+per-group scale and zero point, g_idx, the dequantized weight and the loss. It is
+`gptq_batch()` on a batch of one: problems of one shape (MoE experts) are solved together,
+each getting the bits it would get alone. The same code runs on CPU and CUDA; how the
+inner loop runs fastest is fastpath's business.
 
 Names follow the paper and IST-DASLab's reference implementation: H, damp, Hinv,
 blocksize, Err (the scaled error propagated to the columns not yet quantized).
