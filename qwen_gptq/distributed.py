@@ -172,16 +172,12 @@ def solve_all(group: Group, problems: list[Problem], solve: Solve,
     done: dict[int, GPTQResult] = {}
     following = 0
     for batch in _batches(problems, range(len(problems)), counts, paired):
-        hessians = [problems[i].hessian for i in batch]
-        crosses = [problems[i].cross for i in batch]
-        for i in batch:
-            problems[i].hessian = problems[i].cross = None
-        scales = [2.0 / counts[i] if counts[i] else 0.0 for i in batch]
-        H = _stacked(hessians, scales, Hessian.products) if counts[batch[0]] else None
-        D = _stacked(crosses, scales, lambda c: c.D) if paired[batch[0]] else None
-        del hessians, crosses
-        done.update(zip(batch, solve([problems[i].name for i in batch],
-                                     torch.stack([problems[i].stacked() for i in batch]), H, D)))
+        # Scaled in place (finish), then stacked: the accumulators go as they are copied.
+        H = _stacked([_take(problems[i], "hessian").finish() for i in batch]) if counts[batch[0]] else None
+        D = _stacked([_take(problems[i], "cross").finish(counts[i]) for i in batch]) if paired[batch[0]] else None
+        for i in batch:  # (cross products not used: unpaired rows)
+            problems[i].cross = None
+        done.update(zip(batch, _solve_batch(problems, batch, solve, H, D)))
         del H, D
         while following in done:
             yield done.pop(following), counts[following]
@@ -202,20 +198,26 @@ def _batches(problems: list[Problem], which, counts: list[int], paired: list[boo
     return sorted(batches)
 
 
-def _stacked(parts: list, scales: list[float] | None = None, matrix=lambda t: t) -> torch.Tensor:
-    """[B, n, n] from B parts' matrix(part), each times its scale when given. Each part is
-    released from the list once copied (freed then, when nothing else holds it: the batch's
-    Hessians are never all there twice)."""
-    out = None
+def _take(p: Problem, name: str):
+    """p's Hessian or cross products, no longer held by p."""
+    value = getattr(p, name)
+    setattr(p, name, None)
+    return value
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, n, n] from B matrices, each released from the list once copied (freed then, when
+    nothing else holds it: a batch's Hessians are never all there twice)."""
+    out = torch.empty(len(parts), *parts[0].shape, device=parts[0].device, dtype=torch.float32)
     for k in range(len(parts)):
-        m = matrix(parts[k])
-        if out is None:
-            out = torch.empty(len(parts), *m.shape, device=m.device, dtype=torch.float32)
-        out[k].copy_(m)
-        if scales is not None:
-            out[k].mul_(scales[k])
-        parts[k] = m = None
+        out[k].copy_(parts[k])
+        parts[k] = None
     return out
+
+
+def _solve_batch(problems: list[Problem], batch: list[int], solve: Solve, H: torch.Tensor | None,
+                 D: torch.Tensor | None) -> list[GPTQResult]:
+    return solve([problems[i].name for i in batch], torch.stack([problems[i].stacked() for i in batch]), H, D)
 
 
 def _cost(p: Problem) -> int:
@@ -284,8 +286,7 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
     for batch in batches[group.rank]:
         H = _stacked(_taken(hessians, batch)) if counts[batch[0]] else None
         D = _stacked(_taken(crosses, batch)) if has_d[batch[0]] else None
-        solved[tuple(batch)] = solve([problems[i].name for i in batch],
-                                     torch.stack([problems[i].stacked() for i in batch]), H, D)
+        solved[tuple(batch)] = _solve_batch(problems, batch, solve, H, D)
         del H, D
     results: dict[int, GPTQResult] = {}
     for r in range(group.size):

@@ -258,12 +258,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 # --------------------------------------------------------------------------- GPTQ
 
 
-def inverse_hessian(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """inverse_hessians for one H [n, n]: (Hinv, damp)."""
-    Hinv, damps = inverse_hessians(H[None], damp_percent)
-    return Hinv[0], damps[0]
-
-
 def inverse_hessians(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, list[float]]:
     """Upper Cholesky factors of (H + damp·mean(diag H)·I)⁻¹ for a batch H [B, n, n], and
     the damp each used.

@@ -10,7 +10,6 @@ from qwen_gptq.gptq import (
     find_params,
     gptq,
     gptq_batch,
-    inverse_hessian,
     inverse_hessians,
     rtn,
 )
@@ -71,7 +70,7 @@ def test_failed_cholesky_raises_damp_and_logs(caplog):
     v = torch.randn(16, 1)
     H = v @ v.T - 0.05 * torch.eye(16) * (v.T @ v).item() / 16
     with caplog.at_level("WARNING", logger="qwen_gptq"):
-        Hinv, damp = inverse_hessian(H, 0.01)
+        Hinv, (damp,) = inverse_hessians(H[None], 0.01)
     assert damp > 0.01
     assert torch.isfinite(Hinv).all()
     assert "Cholesky" in caplog.text and "damp" in caplog.text
@@ -118,7 +117,7 @@ def test_a_batch_names_the_problem_whose_cholesky_fails():
 def test_cholesky_gives_up_at_the_damp_ceiling_and_says_so(caplog):
     H = -torch.eye(8)  # negative definite: no dampening up to MAX_DAMP rescues it
     with caplog.at_level("WARNING", logger="qwen_gptq"), pytest.raises(CholeskyFailed) as e:
-        inverse_hessian(H, 0.01)
+        inverse_hessians(H[None], 0.01)
     assert f"damp_percent={MAX_DAMP:g}" in str(e.value)
     retries = [r.getMessage() for r in caplog.records]
     assert retries and retries[-1].endswith(f"retrying with {MAX_DAMP:g} (more or longer calibration samples, "
