@@ -16,6 +16,7 @@ at the very end, so an interrupted run never leaves a directory that looks compl
 from __future__ import annotations
 
 import csv
+import errno
 import fnmatch
 import json
 import logging
@@ -229,12 +230,6 @@ def saved(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to("cpu").contiguous()
 
 
-def as_saved(name: str, stored: Stored, dtype: torch.dtype) -> Stored:
-    """An unquantized tensor to write, in `dtype` (see saved())."""
-    out = dtype if stored.dtype.is_floating_point else stored.dtype
-    return Stored(out, stored.shape, lambda: saved(name, stored.read(), dtype))
-
-
 def stored_tensors(model_dir: Path, prefixes: tuple[str, ...]) -> dict[str, Stored]:
     """The checkpoint's tensors whose names start with one of `prefixes`, as stored."""
     out: dict[str, Stored] = {}
@@ -262,7 +257,9 @@ def outside_layers(model: torch.nn.Module, layers: str, dtype: torch.dtype, outs
             log.debug("%s is tied to %s; saved once", name, seen[ptr])
             continue
         seen[ptr] = name
-        out[name] = Stored.of(saved(name, tensor, dtype))
+        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        # (converted when the writer reaches it: one tensor's copy at a time)
+        out[name] = Stored(out_dtype, tuple(tensor.shape), lambda name=name, tensor=tensor: saved(name, tensor, dtype))
     return out
 
 
@@ -302,6 +299,40 @@ def save_weights(state: dict[str, Stored], out_dir: Path, max_bytes: int) -> lis
         names.append(fname)
         weight_map.update({k: fname for k in s})
     total = sum(v.nbytes for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [INDEX_NAME]
+
+
+def linkable(files: list[Path], max_bytes: int) -> bool:
+    """Whether these safetensors files can be the output's shards as they are: more than
+    one shard's worth in all (a smaller output is one model.safetensors), none over."""
+    sizes = [_tensor_bytes(TensorFile(f)) for f in files]
+    return sum(sizes) > max_bytes and max(sizes) <= max_bytes
+
+
+def _tensor_bytes(f: TensorFile) -> int:
+    return sum(math.prod(f.shape(k)) * f.dtype(k).itemsize for k in f.names())
+
+
+def link_shards(files: list[Path], out_dir: Path) -> list[str]:
+    """The output's shards and index made of finished safetensors files, hard-linked
+    (copied where the filesystem has no hard links), none read or rewritten. Returns
+    the file names."""
+    names, weight_map, total = [], {}, 0
+    for i, src in enumerate(files, start=1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        try:
+            os.link(src, out_dir / name)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(src, out_dir / name)
+        f = TensorFile(src)
+        weight_map.update(dict.fromkeys(f.names(), name))
+        total += _tensor_bytes(f)
+        names.append(name)
+    weight_map = dict(sorted(weight_map.items(), key=lambda kv: _natural_key(kv[0])))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names + [INDEX_NAME]

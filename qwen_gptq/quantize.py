@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,7 +126,7 @@ def _run_checked(o: QuantizeOptions, c: _Checked, started: float) -> dict:
     print_ = resume.fingerprint(c.model_dir, o.data_path,
                                 {**o.fingerprint_settings(c.device.type), "processes": ranks.size})
     if ranks.main:
-        work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite)
+        work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite, o.save_dtype)
     distributed.barrier(ranks)
     if not ranks.main:
         work = resume.WorkDir(resume.work_path(out))  # read (to resume), never written
@@ -226,22 +227,29 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
         torch.cuda.reset_peak_memory_stats(device)
     plan = Plan(o.quant, device, o.true_sequential, o.progress and c.ranks.main, work=work, weights=weights,
                 group=c.ranks)
-    outcome = quantize_model(model, family, calibration, plan)
+    # Rank 0 writes the tensors outside the decoder layers into the work directory while
+    # the layers are quantized (the pool's exit waits for it, also when quantizing fails).
+    with ThreadPoolExecutor(1, thread_name_prefix="qwen-gptq-outside") as writer:
+        outside = writer.submit(work.save_outside, _outside_tensors(o, c, model)) if c.ranks.main else None
+        outcome = quantize_model(model, family, calibration, plan)
     if not c.ranks.main:
         return {"rank": c.ranks.rank}  # rank 0 writes
+    outside.result()
 
     t0 = time.perf_counter()
-    state = _output_tensors(o, c, model, work, len(layers))
+    shards = work.files(len(layers))
+    linked = checkpoint.linkable(shards, o.shard_bytes)
+    state = {} if linked else _output_tensors(shards)
     try:
         with checkpoint.staging_dir(out, o.overwrite) as tmp:
-            files = checkpoint.save_weights(state, tmp, o.shard_bytes)
+            files = checkpoint.link_shards(shards, tmp) if linked else checkpoint.save_weights(state, tmp, o.shard_bytes)
             files += checkpoint.copy_model_files(model_dir, tmp)
             checkpoint.write_config(c.src_config, c.qconfig, o.save_dtype, tmp)
             checkpoint.write_quant_log(outcome.stats, tmp)
             files += ["config.json", "quantize_config.json", "quant_log.csv"]
             checkpoint.finalize_permissions(tmp)
     except OSError as e:
-        e.needed = sum(t.nbytes for t in state.values())  # for the message
+        e.needed = sum(t.nbytes for t in state.values()) or "more"  # for the message
         raise
     save_seconds = time.perf_counter() - t0
 
@@ -279,21 +287,24 @@ def _my_share(ranks: distributed.Group, calibration: calib.Calibration) -> calib
     return calib.Calibration([calibration.batches[j] for j in mine], calibration.samples)
 
 
-def _output_tensors(o: QuantizeOptions, c: _Checked, model: nn.Module, work: resume.WorkDir,
-                    n_layers: int) -> dict[str, checkpoint.Stored]:
-    """Every tensor of the output, each read when the writer reaches it: the model's own
-    outside the decoder layers, each layer's from the work directory (unquantized ones in
-    --dtype), and those outside the language model as stored (under transformers' names)."""
-    family, dtype = c.family, o.save_dtype
-    state = checkpoint.outside_layers(model, family.layers, dtype, family.passthrough,
+def _outside_tensors(o: QuantizeOptions, c: _Checked, model: nn.Module) -> dict[str, checkpoint.Stored]:
+    """The output's tensors outside the decoder layers: the model's own (embeddings, final
+    norm, lm_head; in --dtype) and those outside the language model as stored (vision
+    tower, ...; under transformers' names), each read when the writer reaches it."""
+    family = c.family
+    state = checkpoint.outside_layers(model, family.layers, o.save_dtype, family.passthrough,
                                       hf.tied_embeddings(model.config))
-    for i in range(n_layers):
-        tensors, _ = work.stored(i)
-        packed = set(gptq_v1.packed_modules(tensors))
-        for k, t in tensors.items():
-            module, _, leaf = k.rpartition(".")
-            state[k] = t if module in packed and leaf in gptq_v1.TENSORS else checkpoint.as_saved(k, t, dtype)
     verbatim = checkpoint.stored_tensors(c.model_dir, family.passthrough)
     rules = checkpoint.prefix_renames(verbatim, model.state_dict())
     state.update({checkpoint.renamed(k, rules): v for k, v in verbatim.items()})
+    return state
+
+
+def _output_tensors(files: list[Path]) -> dict[str, checkpoint.Stored]:
+    """Every tensor of the output, from the work directory's files, each read when the
+    writer reaches it, in natural order."""
+    state = {}
+    for path in files:
+        f = checkpoint.TensorFile(path)
+        state.update({k: checkpoint.Stored.from_file(f, k) for k in f.names()})
     return checkpoint.natural_order(state)

@@ -11,6 +11,12 @@ weights the solver wrote back) and run forward to recompute the next layer's inp
 the result is the same, bit for bit, as an uninterrupted run's. A work directory whose
 fingerprint differs is refused (exit 2) rather than mixed in. The work directory is
 removed once the output is in place.
+
+A layer file is an output shard as it stands (unquantized tensors already in the output's
+dtype, safetensors metadata format "pt"), and so is `outside.safetensors`, the tensors
+outside the decoder layers, written once while the first layers are quantized. When the
+output is large enough to be sharded anyway, its shards are these files, linked into the
+output directory (checkpoint.link_shards): nothing is copied or held twice on disk.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from . import __version__, checkpoint, gptq_v1
 from .errors import BadInput
 
 FINGERPRINT = "fingerprint.json"
+OUTSIDE = "outside.safetensors"
 HASH_CHUNK = 1 << 20
-WORK_FORMAT = 2  # 2: a layer file holds all of the layer's output tensors (1: its packed Linears only)
+# 3: a layer file is an output shard (unquantized tensors in the output's dtype, format "pt");
+# 2: it held all of the layer's output tensors, unquantized ones in the model's dtype; 1: its packed Linears only
+WORK_FORMAT = 3
 
 
 def work_path(out: Path) -> Path:
@@ -61,9 +70,10 @@ class WorkDir:
     """The finished layers of one run (see the module's docstring)."""
 
     path: Path
+    dtype: torch.dtype | None = None  # the output's, for unquantized floating-point tensors (None: as given)
 
     @classmethod
-    def open(cls, out: Path, print_: dict, resume: bool) -> WorkDir:
+    def open(cls, out: Path, print_: dict, resume: bool, dtype: torch.dtype | None = None) -> WorkDir:
         """The work directory for `out`: an existing one with the same fingerprint is
         continued (resume), a different one refused; without `resume` it starts over."""
         path = work_path(out)
@@ -81,7 +91,7 @@ class WorkDir:
                                "command that started it")
         path.mkdir(exist_ok=True)
         (path / FINGERPRINT).write_text(json.dumps(print_, indent=2, sort_keys=True) + "\n")
-        return cls(path)
+        return cls(path, dtype)
 
     def _file(self, i: int) -> Path:
         return self.path / f"layer-{i:05d}.safetensors"
@@ -94,12 +104,36 @@ class WorkDir:
         return k
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], stats: list[dict]) -> None:
-        """Layer i's tensors as the output stores them (packed Linears and everything else
-        of the layer, under their output names) and its log rows, written atomically."""
-        tmp = self._file(i).with_suffix(".tmp")
-        checkpoint.write_safetensors(tmp, {k: checkpoint.Stored.of(t) for k, t in tensors.items()},
-                                     {"stats": json.dumps(stats)})
-        os.replace(tmp, self._file(i))
+        """Layer i's tensors (packed Linears and everything else of the layer, under their
+        output names; the rest converted to the output's dtype) and its log rows, written
+        atomically."""
+        packed = set(gptq_v1.packed_modules(tensors))
+        stored = {}
+        for k, t in tensors.items():
+            module, _, leaf = k.rpartition(".")
+            if not (module in packed and leaf in gptq_v1.TENSORS) and self.dtype is not None:
+                t = checkpoint.saved(k, t, self.dtype)
+            stored[k] = checkpoint.Stored.of(t)
+        self._write(self._file(i), stored, {"format": "pt", "stats": json.dumps(stats)})
+
+    def save_outside(self, tensors: dict[str, checkpoint.Stored]) -> None:
+        """The output's tensors outside the decoder layers, written atomically (once: a
+        resumed run finds them)."""
+        if not self.outside().is_file():
+            self._write(self.outside(), tensors, {"format": "pt"})
+
+    def outside(self) -> Path:
+        return self.path / OUTSIDE
+
+    def files(self, layers: int) -> list[Path]:
+        """The output's tensors, every one in exactly one of these files."""
+        return [self.outside()] + [self._file(i) for i in range(layers)]
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, checkpoint.Stored], metadata: dict[str, str]) -> None:
+        tmp = path.with_suffix(".tmp")
+        checkpoint.write_safetensors(tmp, tensors, metadata)
+        os.replace(tmp, path)
 
     def stored(self, i: int) -> tuple[dict[str, checkpoint.Stored], list[dict]]:
         """Layer i's tensors, each read when asked for, and its log rows."""

@@ -113,11 +113,12 @@ def assert_packed_digest(directory, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def w4(tmp_path_factory):
-    """A w4g128 checkpoint through the CLI, sharded (--max-shard-size 10MB) to exercise the index."""
+    """A w4g128 checkpoint through the CLI, sharded (--max-shard-size 20MB: the work directory's
+    files linked as the shards, as a large model's are) to exercise the index."""
     out = tmp_path_factory.mktemp("w4") / "qwen2-tiny-w4"
     r = cli_subprocess("quantize", "--model_name_or_path", TINY, "--data_path", CALIB, "--out_path", str(out),
                        "--bits", "4", "--group-size", "128", "--max_len", "512", "--num-samples", "128",
-                       "--max-shard-size", "10MB", "--json")
+                       "--max-shard-size", "20MB", "--json")
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout)
 

@@ -200,6 +200,38 @@ def test_help_has_example_and_exit_codes():
     assert r.returncode == 0 and "qwen3" in r.stdout and "qwen2_moe" in r.stdout
 
 
+def _tensors_by_name(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def test_large_output_links_the_work_files_as_its_shards(tmp_path):
+    """An output over one shard is made of the work directory's files (the tensors outside
+    the layers, then one file per layer), linked, not rewritten; one that a file of which
+    is over --max-shard-size is re-sharded by copying. Same tensors either way, and the
+    index names every tensor's file."""
+    small = ("--model_name_or_path", TINY, "--data_path", CALIB, "--num-samples", "2", "--max_len", "32", "-q")
+    linked, copied = tmp_path / "linked", tmp_path / "copied"
+    assert cli("quantize", *small, "--out_path", linked, "--max-shard-size", "20MB").returncode == 0
+    assert cli("quantize", *small, "--out_path", copied, "--max-shard-size", "10MB").returncode == 0
+    shards = sorted(p.name for p in linked.glob("*.safetensors"))
+    assert shards == [f"model-{i:05d}-of-00007.safetensors" for i in range(1, 8)]  # outside + 6 layers
+    with safe_open(str(linked / shards[1]), framework="pt") as f:
+        assert {k.split(".")[2] for k in f.keys()} == {"0"} and f.metadata()["format"] == "pt"
+    assert len(list(copied.glob("*.safetensors"))) == 3  # 8.4 MB embeddings and lm_head: 10 MB shards
+    a, b = _tensors_by_name(linked), _tensors_by_name(copied)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    for d in (linked, copied):
+        index = json.loads((d / checkpoint.INDEX_NAME).read_text())
+        for name in set(index["weight_map"].values()):
+            with safe_open(str(d / name), framework="pt") as f:
+                assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied", "linked"]  # work directories gone
+
+
 # ----------------------------------------------------------------------------- interruption safety
 
 
