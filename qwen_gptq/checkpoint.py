@@ -257,9 +257,7 @@ def outside_layers(model: torch.nn.Module, layers: str, dtype: torch.dtype, outs
             log.debug("%s is tied to %s; saved once", name, seen[ptr])
             continue
         seen[ptr] = name
-        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        # (converted when the writer reaches it: one tensor's copy at a time)
-        out[name] = Stored(out_dtype, tuple(tensor.shape), lambda name=name, tensor=tensor: saved(name, tensor, dtype))
+        out[name] = Stored.of(saved(name, tensor, dtype))
     return out
 
 

@@ -551,11 +551,21 @@ def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     gs = cfg.group_size if cfg.group_size > 0 else columns
     W = W.float()
     g_idx = torch.arange(columns, device=W.device, dtype=torch.int32) // gs
-    params = _group_params(W, gs, math.ceil(columns / gs), cfg)
-    scale_t = torch.stack([s for s, _ in params])
-    zero_t = torch.stack([z for _, z in params])
-    s = scale_t[g_idx.long()].T
-    z = zero_t[g_idx.long()].T
-    Q = quantize(W, s, z, cfg.maxq)
+    n_groups = math.ceil(columns / gs)
+    if columns % gs == 0:  # all groups at once: W as [groups, rows, gs]
+        Wg = W.view(rows, n_groups, gs)
+        scale_t, zero_t = find_params(Wg.transpose(0, 1), cfg)
+        s, z = scale_t.T.contiguous()[..., None], zero_t.T.contiguous()[..., None]
+        Q = quantize(Wg, s, z, cfg.maxq)
+        weight = dequantize(Q, s, z).view(rows, columns)
+        Q = Q.view(rows, columns)
+    else:
+        params = _group_params(W, gs, n_groups, cfg)
+        scale_t = torch.stack([s for s, _ in params])
+        zero_t = torch.stack([z for _, z in params])
+        s = scale_t[g_idx.long()].T
+        z = zero_t[g_idx.long()].T
+        Q = quantize(W, s, z, cfg.maxq)
+        weight = dequantize(Q, s, z)
     return GPTQResult(Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx,
-                      weight=dequantize(Q, s, z), losses=torch.zeros(rows, device=W.device), damp=0.0)
+                      weight=weight, losses=torch.zeros(rows, device=W.device), damp=0.0)

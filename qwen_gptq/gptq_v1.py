@@ -123,23 +123,26 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     R, C = values.shape
     if (R * bits) % 32 or (bits == 3 and R % 32):
         raise ValueError(f"cannot pack {R} rows of {bits}-bit values into 32-bit words")
-    v = values.to(torch.int64) & (2**bits - 1)
     if 32 % bits == 0:
+        # In int32 directly: the highest field's shift wraps into the sign bit, which is
+        # the two's-complement word wanted.
         per_word = 32 // bits
-        shifts = torch.arange(per_word, device=v.device, dtype=torch.int64) * bits
-        words = (v.view(R // per_word, per_word, C) << shifts.view(1, -1, 1)).sum(dim=1)
-    else:
-        # General bit stream: 32 values fill `bits` words exactly.
-        v = v.view(R // 32, 32, C)
-        offset = torch.arange(32, device=v.device, dtype=torch.int64) * bits
-        word, shift = offset // 32, offset % 32
-        words = torch.zeros(R // 32, bits, C, dtype=torch.int64, device=v.device)
-        for k in range(32):
-            words[:, word[k]] |= (v[:, k] << shift[k]) & 0xFFFFFFFF
-            spill = shift[k] + bits - 32
-            if spill > 0:
-                words[:, word[k] + 1] |= v[:, k] >> (bits - spill)
-        words = words.view(R * bits // 32, C)
+        v = (values.to(torch.int32) & (2**bits - 1)).view(R // per_word, per_word, C)
+        words = v[:, 0].clone()
+        for k in range(1, per_word):
+            words |= v[:, k] << (k * bits)
+        return words
+    # General bit stream (3 bits): 32 values fill `bits` words exactly.
+    v = (values.to(torch.int64) & (2**bits - 1)).view(R // 32, 32, C)
+    offset = torch.arange(32, device=v.device, dtype=torch.int64) * bits
+    word, shift = offset // 32, offset % 32
+    words = torch.zeros(R // 32, bits, C, dtype=torch.int64, device=v.device)
+    for k in range(32):
+        words[:, word[k]] |= (v[:, k] << shift[k]) & 0xFFFFFFFF
+        spill = shift[k] + bits - 32
+        if spill > 0:
+            words[:, word[k] + 1] |= v[:, k] >> (bits - spill)
+    words = words.view(R * bits // 32, C)
     # Reinterpret the low 32 bits as a signed int32 (two's complement).
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)

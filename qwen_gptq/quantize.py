@@ -229,6 +229,8 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
                 group=c.ranks)
     # Rank 0 writes the tensors outside the decoder layers into the work directory while
     # the layers are quantized (the pool's exit waits for it, also when quantizing fails).
+    # They are converted to --dtype here: torch's parallel CPU kernels run from a second
+    # thread slowed every CPU run by a third, for the whole run, even after they ended.
     with ThreadPoolExecutor(1, thread_name_prefix="qwen-gptq-outside") as writer:
         outside = writer.submit(work.save_outside, _outside_tensors(o, c, model)) if c.ranks.main else None
         outcome = quantize_model(model, family, calibration, plan)

@@ -208,6 +208,7 @@ def _tensors_by_name(directory):
     return out
 
 
+@pytest.mark.slow
 def test_large_output_links_the_work_files_as_its_shards(tmp_path):
     """An output over one shard is made of the work directory's files (the tensors outside
     the layers, then one file per layer), linked, not rewritten; one that a file of which
