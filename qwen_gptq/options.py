@@ -100,6 +100,9 @@ class QuantizeOptions:
                                              "to round-to-nearest; slower", False)
     pad_for_tp: int | None = option("zero-pad the MLPs' intermediate size so that vLLM splits it over N GPUs (and "
                                     "N's divisors); the padded model computes the same function", None, metavar="N")
+    max_gpu_memory: str | None = option("stay under SIZE of GPU memory (default: the whole GPU); what the run does "
+                                        "not need of it holds the layer's intermediate outputs, so that later "
+                                        "passes reuse them instead of recomputing", None, metavar="SIZE")
     stream: bool = option("read each decoder layer from the checkpoint when its turn comes, so host memory does "
                           "not grow with the model's depth (--no-stream: load the whole model first)", True,
                           negative="--no-stream")
@@ -145,6 +148,8 @@ class QuantizeOptions:
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype}: use {' or '.join(DTYPES)}")
         parse_size(self.max_shard_size)
+        if self.max_gpu_memory is not None:
+            parse_size(self.max_gpu_memory, "--max-gpu-memory")
         if self.gpus is not None and self.gpus != "auto" and not (self.gpus.isdigit() and int(self.gpus) >= 1):
             raise BadInput(f"--gpus {self.gpus}: expected a number of GPUs (at least 1) or auto")
 
@@ -152,6 +157,10 @@ class QuantizeOptions:
     def batch_samples(self) -> int | None:
         """Samples per pass; None: auto (calib.make_batches)."""
         return None if self.batch_size == "auto" else int(self.batch_size)
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        return None if self.max_gpu_memory is None else parse_size(self.max_gpu_memory, "--max-gpu-memory")
 
     @property
     def shard_bytes(self) -> int:
@@ -168,7 +177,8 @@ class QuantizeOptions:
     def fingerprint_settings(self, device_type: str) -> dict:
         """Every setting that decides the quantized layers (for resume.fingerprint); the
         device by its type (CPU and CUDA round differently; cuda and cuda:0 do not)."""
-        skip = ("out_path", "overwrite", "progress", "resume", "stream", "gpus", "device", "model_name_or_path", "data_path")
+        skip = ("out_path", "overwrite", "progress", "resume", "stream", "gpus", "device", "model_name_or_path", "data_path",
+                "max_gpu_memory")
         return {**{k: v for k, v in dataclasses.asdict(self).items() if k not in skip}, "device": device_type}
 
     def report(self) -> dict:
@@ -213,15 +223,15 @@ def _base(t) -> type:
     return args[0] if args else t
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", text.upper())
     if not m:
-        raise BadInput(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        raise BadInput(f"{flag} {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     number, unit = float(m.group(1)), (m.group(2) or "B")
     base = 1024 if "I" in unit else 1000
     power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("B").rstrip("I") or ""]
     size = int(number * base**power)
     if size <= 0:
-        raise BadInput(f"--max-shard-size {text!r} must be positive")
+        raise BadInput(f"{flag} {text!r} must be positive")
     return size

@@ -84,13 +84,28 @@ class _Run:
     plan: Plan
     inputs: list[LayerInputs]  # per batch, the current layer's
     store: torch.device  # where hidden states live between layers
-    memo_bytes: int  # memory for memoized outputs of quantized modules
+    memo_bytes: int | None  # memory for memoized outputs of quantized modules (None: runtime.memo_budget's, per layer)
     mover: Mover
     outcome: Outcome
     # GPTAQ: per batch, the current layer's input hidden states in the full-precision model
     fp_hidden: list[torch.Tensor] | None = None
     degraded: list[str] = field(default_factory=list)  # what out-of-memory retries have given up so far
     spill: runtime.SpillFiles | None = None  # activations in spill files: outputs overwrite inputs in place
+    forwards: LayerForwards | None = None  # the current layer's
+    memo_most: int = 0  # the most memory memoized outputs have held (to tell the run's own peak)
+    needed: int | None = None  # the run's GPU peak without memoized outputs, once a layer has shown it
+
+    def memo_budget(self) -> int:
+        if "memoized outputs dropped" in self.degraded:
+            return 0
+        return runtime.memo_budget(self.plan.device, self.needed) if self.memo_bytes is None else self.memo_bytes
+
+    def layer_done(self) -> None:
+        """Note the GPU's peak without memoized outputs (what later layers' budgets leave room for)."""
+        if self.forwards is not None:
+            self.memo_most = max(self.memo_most, self.forwards.most)
+        if self.plan.device.type == "cuda":
+            self.needed = runtime.peak_gpu_bytes(self.plan.device) - self.memo_most
 
     def kept(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """A batch's new hidden states, where the old ones were kept."""
@@ -138,7 +153,11 @@ def _give_up_something(run: _Run, i: int, what: str) -> bool:
     run: the others are already waiting in the step's collectives)."""
     if run.plan.group.size > 1:
         return False
-    if run.store.type != "cpu":  # (once moved, the store is the host)
+    memoized = run.forwards is not None and run.forwards.most and run.plan.device.type == "cuda"
+    if memoized and "memoized outputs dropped" not in run.degraded:
+        run.forwards.forget()
+        step = "memoized outputs dropped"
+    elif run.store.type != "cpu":  # (once moved, the store is the host)
         cpu = torch.device("cpu")
         for x in run.inputs:
             x.hidden = x.hidden.to(cpu)
@@ -219,8 +238,7 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     t["capture"] += time.perf_counter() - t0
     log.info("captured %d batch(es), %d tokens; activations kept %s", len(inputs), calibration.tokens, where.said)
 
-    memo = runtime.memo_budget(plan.device) if plan.memo_bytes is None else plan.memo_bytes
-    run = _Run(family, plan, inputs, where.store, memo, Mover(plan.device, cdtype, model_dtype, plan.weights),
+    run = _Run(family, plan, inputs, where.store, plan.memo_bytes, Mover(plan.device, cdtype, model_dtype, plan.weights),
                outcome, fp_hidden, spill=where.spill)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
@@ -395,7 +413,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     if not run.plan.true_sequential:
         groups = [[n for g in groups for n in g]]
     fp_layer = copy.deepcopy(layer) if run.fp_hidden is not None else None  # GPTAQ's reference
-    forwards = LayerForwards(layer, groups, run.memo_bytes)
+    forwards = run.forwards = LayerForwards(layer, groups, run.memo_budget())
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
@@ -415,6 +433,8 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             _forward_all(run, i, layer, forwards)
     finally:
         forwards.remove()
+        run.layer_done()
+        run.forwards = None
         fp_layer = None  # (GPTAQ's copy of the layer, freed now)
     if run.plan.work is not None and run.plan.group.main:
         _save_layer(run, i, layer)

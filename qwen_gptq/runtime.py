@@ -34,6 +34,7 @@ ACTIVATIONS_GPU_FRACTION = 0.7  # activations stay on the GPU if (with the layer
 LAYER_ROOM = 4  # room kept for the layer, its Hessians and the forward's temporaries, in layer sizes
 MEMO_HOST_FRACTION = 4  # on CPU, memoized outputs may use 1/this of the available host memory
 MEMO_FALLBACK_BYTES = 1 << 30  # when the available memory cannot be read
+MEMO_GPU_FRACTION = 0.9  # on CUDA, memoized outputs may fill the GPU's memory up to this share, beside the run's peak
 SPILL_HOST_FRACTION = 0.5  # activations beyond this much of the available host memory go to spill files
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
@@ -206,14 +207,40 @@ def available_host_bytes() -> int | None:
         return None
 
 
-def memo_budget(device: torch.device) -> int:
+def memo_budget(device: torch.device, needed: int | None = None) -> int:
     """Memory for memoized outputs: on CPU, where the forwards dominate, a share of the
-    available host memory; on CUDA none (recomputing is cheap there, and GPU memory is
-    kept for activations and Hessians)."""
-    if device.type != "cpu":
+    available host memory; on CUDA what the run does not need of the GPU's memory (its
+    --max-gpu-memory limit, else all of it): `needed` is the run's peak without memoized
+    outputs so far, None before a layer has shown it (then none)."""
+    if device.type == "cpu":
+        available = available_host_bytes()
+        return MEMO_FALLBACK_BYTES if available is None else available // MEMO_HOST_FRACTION
+    if device.type != "cuda" or needed is None:
         return 0
-    available = available_host_bytes()
-    return MEMO_FALLBACK_BYTES if available is None else available // MEMO_HOST_FRACTION
+    return max(0, int(MEMO_GPU_FRACTION * gpu_memory_limit(device)) - needed)
+
+
+_gpu_limits: dict[int, int] = {}
+
+
+def limit_gpu_memory(device: torch.device, limit: int) -> None:
+    """Keep this process under `limit` bytes of the GPU's memory (torch's allocator then
+    raises out-of-memory past it, which the pipeline's retries handle)."""
+    index = _index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+    _gpu_limits[index] = min(limit, total)
+
+
+def gpu_memory_limit(device: torch.device) -> int:
+    """The memory this process may use on the GPU: --max-gpu-memory, else all of it."""
+    index = _index(device)
+    return _gpu_limits.get(index, torch.cuda.get_device_properties(index).total_memory)
+
+
+def _index(device: torch.device) -> int:
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def activation_bytes(numel: int, dtype: torch.dtype, streams: int = 1) -> int:
@@ -478,6 +505,7 @@ class LayerForwards:
         self._batch = 0
         self._storing = budget > 0
         self._budget, self._used = budget, 0
+        self.most = 0  # the most memory memoized outputs held at once
         self._store: dict = {}
         self._modules = {u: layer.get_submodule(u) for u in units}
         for u, m in self._modules.items():
@@ -504,6 +532,11 @@ class LayerForwards:
     def last_pass(self) -> None:
         """What follows is the layer's last pass: nothing more needs keeping."""
         self._storing = False
+
+    def forget(self) -> None:
+        """Drop the memoized outputs and keep no more (memory is short)."""
+        self._store.clear()
+        self._used, self._storing = 0, False
 
     def remove(self) -> None:
         for m in self._modules.values():
@@ -535,6 +568,7 @@ class LayerForwards:
             return
         self._store[key] = (y, [t._version for t in _tensors(y)])
         self._used += size
+        self.most = max(self.most, self._used)
         for inner in self._inside[name]:  # the parts' outputs are not needed any more
             if inner != name and (inner, self._batch) in self._store:
                 self._used -= _nbytes(self._store.pop((inner, self._batch))[0])

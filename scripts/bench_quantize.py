@@ -12,6 +12,7 @@ forward, move, save), seconds per decoder layer, peak GPU memory
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -105,6 +106,10 @@ def main():
                    help="with --end-to-end: extra command-line flags per variant, each timed with each package, "
                         "alternating; start a variant with a space so that it is not read as a flag of this script: "
                         "--variants '' ' --no-stream' ' --gpus 2'")
+    p.add_argument("--batch-size", default="1", help="in-process: samples per pass (a number, or auto as the CLI's default)")
+    p.add_argument("--memo-gb", type=float, nargs="+", default=[None], metavar="GB",
+                   help="in-process: memory for memoized module outputs (the CLI's default on CUDA: 0); several "
+                        "values run one after another on the same model copy's shape, each timed")
     p.add_argument("--keep", metavar="DIR", default=None,
                    help="with --end-to-end: save the model, calibration file and output under DIR and keep them")
     a = p.parse_args()
@@ -150,7 +155,25 @@ def main():
         prof = profile(activities=acts)
         prof.__enter__()
     t0 = time.perf_counter()
-    outcome = quantize_model(model, family, _calibration(samples), plan)
+    batch = None if a.batch_size == "auto" else int(a.batch_size)
+    if a.memo_gb != [None]:  # a comparison of memo budgets: per-layer times only, each on a fresh copy
+        import copy
+
+        memo = {}
+        for gb in a.memo_gb:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            o = quantize_model(m, family, _calibration(samples, batch), dataclasses.replace(plan, memo_bytes=int(gb * 1e9)))
+            memo[gb] = {"quantize_s": round(time.perf_counter() - t0, 2), "layer_seconds": [round(x, 3) for x in o.layer_seconds],
+                        "timings": {k: round(v, 2) for k, v in o.timings.items()},
+                        "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else 0,
+                        "packed_sha256": _digest(o.packed)}
+            del m, o
+        print(json.dumps({"shape": a.shape, "batch_size": a.batch_size, "memo": memo}))
+        return
+    outcome = quantize_model(model, family, _calibration(samples, batch), plan)
     quant_s = time.perf_counter() - t0
     if prof is not None:
         prof.__exit__(None, None, None)
@@ -199,8 +222,21 @@ def main():
     print(json.dumps(result))
 
 
-def _calibration(samples: list[torch.Tensor]) -> Calibration:
-    return Calibration(make_batches(samples, 1, 0), len(samples))
+def _digest(packed: dict[str, dict[str, torch.Tensor]]) -> str:
+    """sha256 over every packed tensor, in name order (equal digests: the same codes and scales)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in sorted(packed):
+        for leaf in sorted(packed[module]):
+            t = packed[module][leaf].contiguous().cpu()
+            h.update(f"{module}.{leaf}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _calibration(samples: list[torch.Tensor], batch_size: int | None = 1) -> Calibration:
+    return Calibration(make_batches(samples, batch_size, 0), len(samples))
 
 
 def end_to_end(model, a, full_layers, build_s):

@@ -139,6 +139,7 @@ def _args(out, *extra, data=CALIB, model=TINY):
     (("--max_len", "0"), "--max_len 0"),
     (("--damp-percent", "2"), "--damp-percent 2"),
     (("--max-shard-size", "lots"), "--max-shard-size 'lots'"),
+    (("--max-gpu-memory", "0GB"), "--max-gpu-memory '0GB' must be positive"),
     (("--device", "tpu"), "--device tpu"),
     (("--device", "cuda:x"), "--device cuda:x"),
     (("--desc-act", "--act-group-aware"), "two column orders"),
