@@ -69,6 +69,7 @@ class Plan:
     true_sequential: bool = True
     progress: bool = True
     memo_bytes: int | None = None  # memory for memoized outputs (None: runtime.memo_budget)
+    gpu_memory: int | None = None  # the GPU memory the run may use (--max-gpu-memory; None: all of it)
     # Finished layers' output tensors are saved here (and no longer kept in Outcome.packed),
     # and taken from here on a rerun.
     work: WorkDir | None = None
@@ -98,7 +99,9 @@ class _Run:
     def memo_budget(self) -> int:
         if "memoized outputs dropped" in self.degraded:
             return 0
-        return runtime.memo_budget(self.plan.device, self.needed) if self.memo_bytes is None else self.memo_bytes
+        if self.memo_bytes is not None:
+            return self.memo_bytes
+        return runtime.memo_budget(self.plan.device, self.needed, self.plan.gpu_memory)
 
     def layer_done(self) -> None:
         """Note the GPU's peak without memoized outputs (what later layers' budgets leave room for)."""

@@ -228,7 +228,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     plan = Plan(o.quant, device, o.true_sequential, o.progress and c.ranks.main, work=work, weights=weights,
-                group=c.ranks)
+                group=c.ranks, gpu_memory=o.gpu_memory_bytes)
     # Rank 0 writes the tensors outside the decoder layers into the work directory while
     # the layers are quantized (the pool's exit waits for it, also when quantizing fails).
     # They are converted to --dtype here: torch's parallel CPU kernels run from a second

@@ -207,20 +207,19 @@ def available_host_bytes() -> int | None:
         return None
 
 
-def memo_budget(device: torch.device, needed: int | None = None) -> int:
+def memo_budget(device: torch.device, needed: int | None = None, limit: int | None = None) -> int:
     """Memory for memoized outputs: on CPU, where the forwards dominate, a share of the
-    available host memory; on CUDA what the run does not need of the GPU's memory (its
-    --max-gpu-memory limit, else all of it): `needed` is the run's peak without memoized
-    outputs so far, None before a layer has shown it (then none)."""
+    available host memory; on CUDA what the run does not need of the GPU's memory (`limit`,
+    --max-gpu-memory, else all of it): `needed` is the run's peak without memoized outputs
+    so far, None before a layer has shown it (then none)."""
     if device.type == "cpu":
         available = available_host_bytes()
         return MEMO_FALLBACK_BYTES if available is None else available // MEMO_HOST_FRACTION
     if device.type != "cuda" or needed is None:
         return 0
-    return max(0, int(MEMO_GPU_FRACTION * gpu_memory_limit(device)) - needed)
-
-
-_gpu_limits: dict[int, int] = {}
+    if limit is None:
+        limit = torch.cuda.get_device_properties(_index(device)).total_memory
+    return max(0, int(MEMO_GPU_FRACTION * limit) - needed)
 
 
 def limit_gpu_memory(device: torch.device, limit: int) -> None:
@@ -229,13 +228,6 @@ def limit_gpu_memory(device: torch.device, limit: int) -> None:
     index = _index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
-    _gpu_limits[index] = min(limit, total)
-
-
-def gpu_memory_limit(device: torch.device) -> int:
-    """The memory this process may use on the GPU: --max-gpu-memory, else all of it."""
-    index = _index(device)
-    return _gpu_limits.get(index, torch.cuda.get_device_properties(index).total_memory)
 
 
 def _index(device: torch.device) -> int:

@@ -66,15 +66,14 @@ def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monke
     assert n_plain > n_memo
 
 
-def test_gpu_memo_budget_leaves_the_runs_own_peak(monkeypatch):
+def test_gpu_memo_budget_leaves_the_runs_own_peak():
     """On CUDA, memoized outputs get what the run does not need of the GPU (its
     --max-gpu-memory limit, else all of it): nothing before a layer has shown the run's
     peak, then 90 % of the limit less that peak, never below zero."""
     from qwen_gptq import runtime
 
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(runtime, "gpu_memory_limit", lambda device: 12 * 10**9)
-    assert runtime.memo_budget(cuda, None) == 0
-    assert runtime.memo_budget(cuda, 10 * 10**9) == int(0.9 * 12e9) - 10 * 10**9
-    assert runtime.memo_budget(cuda, 11 * 10**9) == 0
-    assert runtime.memo_budget(torch.device("cpu"), None) > 0  # CPU: a share of the host memory, as before
+    cuda, limit = torch.device("cuda"), 12 * 10**9
+    assert runtime.memo_budget(cuda, None, limit) == 0
+    assert runtime.memo_budget(cuda, 10 * 10**9, limit) == int(0.9 * limit) - 10 * 10**9
+    assert runtime.memo_budget(cuda, 11 * 10**9, limit) == 0
+    assert runtime.memo_budget(torch.device("cpu")) > 0  # CPU: a share of the host memory, as before
