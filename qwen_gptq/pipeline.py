@@ -97,6 +97,7 @@ class _Run:
     needed: int | None = None  # the run's GPU peak without memoized outputs, once a layer has shown it
 
     def memo_budget(self) -> int:
+        """Memory for the next layer's memoized outputs."""
         if "memoized outputs dropped" in self.degraded:
             return 0
         if self.memo_bytes is not None:
@@ -118,8 +119,9 @@ class _Run:
 # --------------------------------------------------------------------------- out of GPU memory
 #
 # A step that runs out of GPU memory is retried after giving something up, one rung at a
-# time, each said in the log: first the activations move to host memory (they are the
-# largest thing kept on the GPU between steps), then the cached CUDA graphs and allocator
+# time, each said in the log: first the memoized outputs go (the layer's intermediate
+# outputs kept in the GPU's spare memory; none are kept after that), then the activations
+# move to host memory (the largest thing kept on the GPU between steps), then the cached CUDA graphs and allocator
 # blocks go, then one plain retry (a passing peak: another process on the GPU, say). Only
 # when nothing is left to give up does the run stop (exit 1), naming the
 # layer, the memory figures and the flags that would help; the finished layers stay in the
