@@ -77,3 +77,27 @@ def test_gpu_memo_budget_leaves_the_runs_own_peak():
     assert runtime.memo_budget(cuda, 10 * 10**9, limit) == int(0.9 * limit) - 10 * 10**9
     assert runtime.memo_budget(cuda, 11 * 10**9, limit) == 0
     assert runtime.memo_budget(torch.device("cpu")) > 0  # CPU: a share of the host memory, as before
+
+
+def test_out_of_gpu_memory_gives_up_the_memoized_outputs_first(monkeypatch):
+    """The out-of-memory ladder on CUDA: memoized outputs are dropped first (and no later
+    layer keeps any), then the activations move to the host, then cached memory goes;
+    then nothing is left to give up."""
+    from qwen_gptq import runtime
+    from qwen_gptq.families import layer_groups
+    from qwen_gptq.pipeline import Outcome, _give_up_something, _Run
+    from qwen_gptq.runtime import LayerForwards
+
+    monkeypatch.setattr(runtime, "gpu_memory_figures", lambda device: "(figures)")
+    family = family_for("qwen2")
+    layer = _two_layer_tiny().model.layers[0]
+    forwards = LayerForwards(layer, layer_groups(layer, family), 1 << 20)
+    forwards._keep("self_attn.q_proj", ("self_attn.q_proj", 0), torch.zeros(256))  # an output memoized
+    cuda = torch.device("cuda")
+    run = _Run(family, Plan(QuantConfig(), cuda, progress=False), [], cuda, None, None, Outcome(), forwards=forwards)
+    steps = []
+    while _give_up_something(run, 0, "testing"):
+        steps.append(run.degraded[-1])
+    assert steps == ["memoized outputs dropped", "activations moved to host memory", "cached GPU memory released"]
+    assert not forwards._store and run.memo_budget() == 0 and run.store.type == "cpu"
+    forwards.remove()
