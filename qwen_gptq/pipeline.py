@@ -146,10 +146,12 @@ def _retrying(run: _Run, i: int, what: str, step: Callable[[], T]) -> T:
                         runtime.gpu_memory_figures(run.plan.device))
             continue
         given_up = "; ".join(run.degraded + ["a retry"]) if run.plan.group.size == 1 else "nothing (several processes)"
+        limit = run.plan.gpu_memory
+        more = "a GPU with more memory" if limit is None else f"a larger --max-gpu-memory (now {limit / 1e9:.1f} GB)"
         raise QuantizationFailed(
             f"layer {i}: the GPU ran out of memory while {what} ({reason}), even after {given_up}. "
             f"Memory: {runtime.gpu_memory_figures(run.plan.device)}. Fewer or shorter calibration samples "
-            "(--num-samples, --max_len), --batch-size 1, or a GPU with more memory would help; the finished layers "
+            f"(--num-samples, --max_len), --batch-size 1, or {more} would help; the finished layers "
             f"are kept, so the same command continues from layer {i}") from None
 
 

@@ -1,5 +1,6 @@
 """The sequential pipeline's shortcuts must not change what it computes."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,11 +82,12 @@ def test_gpu_memo_budget_leaves_the_runs_own_peak():
 
 def test_out_of_gpu_memory_gives_up_the_memoized_outputs_first(monkeypatch):
     """The out-of-memory ladder on CUDA: memoized outputs are dropped first (and no later
-    layer keeps any), then the activations move to the host, then cached memory goes;
-    then nothing is left to give up."""
+    layer keeps any), then the activations move to the host, then cached memory goes, then
+    one plain retry; then exit 1 naming the layer and, under --max-gpu-memory, that flag."""
     from qwen_gptq import runtime
+    from qwen_gptq.errors import QuantizationFailed
     from qwen_gptq.families import layer_groups
-    from qwen_gptq.pipeline import Outcome, _give_up_something, _Run
+    from qwen_gptq.pipeline import Outcome, _retrying, _Run
     from qwen_gptq.runtime import LayerForwards
 
     monkeypatch.setattr(runtime, "gpu_memory_figures", lambda device: "(figures)")
@@ -94,10 +96,15 @@ def test_out_of_gpu_memory_gives_up_the_memoized_outputs_first(monkeypatch):
     forwards = LayerForwards(layer, layer_groups(layer, family), 1 << 20)
     forwards._keep("self_attn.q_proj", ("self_attn.q_proj", 0), torch.zeros(256))  # an output memoized
     cuda = torch.device("cuda")
-    run = _Run(family, Plan(QuantConfig(), cuda, progress=False), [], cuda, None, None, Outcome(), forwards=forwards)
-    steps = []
-    while _give_up_something(run, 0, "testing"):
-        steps.append(run.degraded[-1])
-    assert steps == ["memoized outputs dropped", "activations moved to host memory", "cached GPU memory released"]
+    plan = Plan(QuantConfig(), cuda, progress=False, gpu_memory=12 * 10**9)
+    run = _Run(family, plan, [], cuda, None, None, Outcome(), forwards=forwards)
+
+    def step():
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with pytest.raises(QuantizationFailed) as failed:
+        _retrying(run, 3, "testing", step)
+    assert run.degraded == ["memoized outputs dropped", "activations moved to host memory", "cached GPU memory released"]
     assert not forwards._store and run.memo_budget() == 0 and run.store.type == "cpu"
+    assert "layer 3" in str(failed.value) and "a larger --max-gpu-memory (now 12.0 GB)" in str(failed.value)
     forwards.remove()
