@@ -555,15 +555,17 @@ class LayerForwards:
         return run
 
     def _keep(self, name: str, key: tuple, y) -> None:
+        # The parts' outputs are not needed once the whole's is kept (and are often the
+        # very tensor it returns): they make room for it.
+        parts = [(n, self._batch) for n in self._inside[name] if n != name and (n, self._batch) in self._store]
         size = _nbytes(y)
-        if self._used + size > self._budget:
+        if self._used - sum(_nbytes(self._store[k][0]) for k in parts) + size > self._budget:
             return
+        for k in parts:
+            self._used -= _nbytes(self._store.pop(k)[0])
         self._store[key] = (y, [t._version for t in _tensors(y)])
         self._used += size
         self.most = max(self.most, self._used)
-        for inner in self._inside[name]:  # the parts' outputs are not needed any more
-            if inner != name and (inner, self._batch) in self._store:
-                self._used -= _nbytes(self._store.pop((inner, self._batch))[0])
 
 
 def _tensors(y) -> list[torch.Tensor]:

@@ -108,3 +108,18 @@ def test_out_of_gpu_memory_gives_up_the_memoized_outputs_first(monkeypatch):
     assert not forwards._store and run.memo_budget() == 0 and run.store.type == "cpu"
     assert "layer 3" in str(failed.value) and "a larger --max-gpu-memory (now 12.0 GB)" in str(failed.value)
     forwards.remove()
+
+
+def test_a_modules_output_replaces_its_parts_within_the_memo_budget():
+    """self_attn returns o_proj's very output: keeping it frees o_proj's entry, so it needs
+    no budget beyond that entry's (counted twice, it was refused under a tight budget)."""
+    from qwen_gptq.families import layer_groups
+    from qwen_gptq.runtime import LayerForwards
+
+    layer = _two_layer_tiny().model.layers[0]
+    forwards = LayerForwards(layer, layer_groups(layer, family_for("qwen2")), 5000)
+    y = torch.zeros(1000)  # 4000 bytes
+    forwards._keep("self_attn.o_proj", ("self_attn.o_proj", 0), y)
+    forwards._keep("self_attn", ("self_attn", 0), (y, None))
+    assert list(forwards._store) == [("self_attn", 0)] and forwards.most == 4000
+    forwards.remove()
