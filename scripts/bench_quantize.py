@@ -108,8 +108,9 @@ def main():
                         "--variants '' ' --no-stream' ' --gpus 2'")
     p.add_argument("--batch-size", default="1", help="in-process: samples per pass (a number, or auto as the CLI's default)")
     p.add_argument("--memo-gb", type=float, nargs="+", default=[None], metavar="GB",
-                   help="in-process: memory for memoized module outputs (the CLI's default on CUDA: 0); several "
-                        "values run one after another on the same model copy's shape, each timed")
+                   help="in-process: memory for memoized module outputs (the CLI's default: what the run does not "
+                        "need of the GPU); several values run one after another, each on a fresh copy of the model, "
+                        "each timed and its packed tensors hashed")
     p.add_argument("--keep", metavar="DIR", default=None,
                    help="with --end-to-end: save the model, calibration file and output under DIR and keep them")
     a = p.parse_args()
