@@ -260,7 +260,8 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
         run.mover.to_device(layers[0])
         for i in bar:
             step = _replay_layer if i < done else _quantize_layer
-            step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
+            with runtime.profiled(i, plan.group.rank):
+                step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
             losses = [s.loss for s in outcome.stats if s.layer == i]
             mean = sum(losses) / max(1, len(losses))
             bar.set_postfix(loss=f"{mean:.4g}")

@@ -38,6 +38,8 @@ MEMO_GPU_FRACTION = 0.9  # on CUDA, memoized outputs may fill the GPU's memory u
 SPILL_HOST_FRACTION = 0.5  # activations beyond this much of the available host memory go to spill files
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
+PROFILE_ENV = "QWEN_GPTQ_PROFILE"  # developers: FILE, torch.profiler's tables of one layer, FILE.rankN.txt
+PROFILE_LAYER = 2  # the third layer: the first pays one-time costs, the second may still
 
 
 def resolve_device(name: str) -> torch.device:
@@ -437,6 +439,36 @@ def host_memory_returned_on_free() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, MMAP_FROM_BYTES)  # (raised along with the first, by default)
     except (OSError, AttributeError):
         pass
+
+
+def profiled(i: int, rank: int) -> contextlib.AbstractContextManager:
+    """Around layer i's work: torch.profiler's tables (device time and host time per op,
+    threads included) into $QWEN_GPTQ_PROFILE.rankN.txt for layer PROFILE_LAYER, for
+    those who make the pipeline faster; nothing otherwise."""
+    path = os.environ.get(PROFILE_ENV)
+    if not path or i != PROFILE_LAYER:
+        return contextlib.nullcontext()
+    return _profile(Path(f"{path}.rank{rank}.txt"))
+
+
+@contextlib.contextmanager
+def _profile(path: Path) -> Iterator[None]:
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    table = prof.key_averages()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    path.write_text(f"layer {PROFILE_LAYER}: {wall:.3f} s wall\n\n"
+                    + table.table(sort_by=sort, row_limit=45, max_name_column_width=70) + "\n\n"
+                    + table.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70))
 
 
 def return_free_host_memory() -> None:

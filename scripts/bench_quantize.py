@@ -111,6 +111,8 @@ def main():
                    help="in-process: memory for memoized module outputs (the CLI's default: what the run does not "
                         "need of the GPU); several values run one after another, each on a fresh copy of the model, "
                         "each timed and its packed tensors hashed")
+    p.add_argument("--build-only", action="store_true",
+                   help="with --end-to-end --keep DIR: save the model and calibration file, run nothing")
     p.add_argument("--keep", metavar="DIR", default=None,
                    help="with --end-to-end: save the model, calibration file and output under DIR and keep them")
     a = p.parse_args()
@@ -263,6 +265,8 @@ def end_to_end(model, a, full_layers, build_s):
                                              {"from": "assistant", "value": t[len(t) // 2:]}]} for i, t in enumerate(texts)]
     (tmp / "calib.json").write_text(json.dumps(data, ensure_ascii=False))
     prepare_s = time.perf_counter() - t0
+    if a.build_only:
+        return {"shape": a.shape, "dir": str(tmp), "build_s": round(build_s, 1), "prepare_s": round(prepare_s, 1)}
     cmd = [sys.executable, "-m", "qwen_gptq", "quantize", "--model_name_or_path", str(tmp / "model"),
            "--data_path", str(tmp / "calib.json"), "--out_path", str(tmp / "out"), "--bits", str(a.bits),
            "--group-size", str(a.group_size), "--max_len", str(a.seq_len), "--num-samples", str(a.samples),
