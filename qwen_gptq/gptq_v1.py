@@ -119,30 +119,31 @@ def check_reference_config(reference: dict, ours: dict, path: str) -> None:
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer values [R, C] (each in [0, 2**bits)) along dim 0 into int32 [R*bits/32, C]."""
-    R, C = values.shape
+    """Pack integer values [..., R, C] (each in [0, 2**bits)) along dim -2 into int32
+    [..., R*bits/32, C] (leading dimensions: a batch of Linears packed at once)."""
+    *lead, R, C = values.shape
     if (R * bits) % 32 or (bits == 3 and R % 32):
         raise ValueError(f"cannot pack {R} rows of {bits}-bit values into 32-bit words")
     if 32 % bits == 0:
         # In int32 directly: the highest field's shift wraps into the sign bit, which is
         # the two's-complement word wanted.
         per_word = 32 // bits
-        v = (values.to(torch.int32) & (2**bits - 1)).view(R // per_word, per_word, C)
-        words = v[:, 0].clone()
+        v = (values.to(torch.int32) & (2**bits - 1)).view(*lead, R // per_word, per_word, C)
+        words = v[..., 0, :].clone()
         for k in range(1, per_word):
-            words |= v[:, k] << (k * bits)
+            words |= v[..., k, :] << (k * bits)
         return words
     # General bit stream (3 bits): 32 values fill `bits` words exactly.
-    v = (values.to(torch.int64) & (2**bits - 1)).view(R // 32, 32, C)
+    v = (values.to(torch.int64) & (2**bits - 1)).view(*lead, R // 32, 32, C)
     offset = torch.arange(32, device=v.device, dtype=torch.int64) * bits
-    word, shift = offset // 32, offset % 32
-    words = torch.zeros(R // 32, bits, C, dtype=torch.int64, device=v.device)
+    word, shift = (offset // 32).tolist(), (offset % 32).tolist()
+    words = torch.zeros(*lead, R // 32, bits, C, dtype=torch.int64, device=v.device)
     for k in range(32):
-        words[:, word[k]] |= (v[:, k] << shift[k]) & 0xFFFFFFFF
+        words[..., word[k], :] |= (v[..., k, :] << shift[k]) & 0xFFFFFFFF
         spill = shift[k] + bits - 32
         if spill > 0:
-            words[:, word[k] + 1] |= v[:, k] >> (bits - spill)
-    words = words.view(R * bits // 32, C)
+            words[..., word[k] + 1, :] |= v[..., k, :] >> (bits - spill)
+    words = words.view(*lead, R * bits // 32, C)
     # Reinterpret the low 32 bits as a signed int32 (two's complement).
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
@@ -177,10 +178,11 @@ def pack_linear(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx:
 
     Q: codes [out, in]; scale: [groups, out]; zero: real zero points [groups, out];
     g_idx: [in]. Returns a dict with qweight, qzeros, scales, g_idx (on Q's device).
+    With a leading batch dimension on all four, those of a batch of Linears, stacked.
     """
     return {
-        "qweight": pack(Q.T.contiguous(), bits),
-        "qzeros": pack((zero.to(torch.int64) - MIN_ZERO).T.contiguous(), bits).T.contiguous(),
+        "qweight": pack(Q.mT.contiguous(), bits),
+        "qzeros": pack((zero.to(torch.int64) - MIN_ZERO).mT.contiguous(), bits).mT.contiguous(),
         "scales": scale.to(torch.float16).contiguous(),
         "g_idx": g_idx.to(torch.int32).clone(),
     }

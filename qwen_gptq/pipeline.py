@@ -567,6 +567,62 @@ def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
     return group
 
 
+PACK_BATCH_BYTES = 1 << 30  # solved weights (float32) packed and written back together, at most
+
+
+@dataclass
+class _Solved:
+    """One lead's result, waiting to be packed and written back."""
+
+    lead: str
+    res: GPTQResult
+    tokens: int
+    seconds: float
+
+
+def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[str, list[str]],
+                solved: list[_Solved]) -> None:
+    """The solved leads' Linears: packed (rank 0, which writes) in stacks of one shape and
+    fetched a stack at a time, quantized weights written back, stats noted. A stack
+    instead of one Linear at a time: an MoE layer has hundreds of small Linears, and
+    their launches and copies one by one cost more than the packing itself. Everything
+    that allocates comes first, then the write-back: a lead is written whole or not at all."""
+    parts = []  # (Linear, its result, its rows in the result)
+    for s in solved:
+        row = 0
+        for n in members[s.lead]:
+            rows = modules[n].weight.shape[0]
+            parts.append((n, s, slice(row, row + rows)))
+            row += rows
+    stacks: dict[tuple, list[int]] = {}
+    for k, (_, s, sl) in enumerate(parts):
+        stacks.setdefault((sl.stop - sl.start, *s.res.Q.shape[1:], s.res.scale.shape[0]), []).append(k)
+    packed = []
+    if run.plan.group.main:
+        for ks in stacks.values():
+            picked = [parts[k] for k in ks]
+            packed.append((ks, gptq_v1.pack_linear(_stack([s.res.Q[sl] for _, s, sl in picked]),
+                                                   _stack([s.res.scale[:, sl] for _, s, sl in picked]),
+                                                   _stack([s.res.zero[:, sl] for _, s, sl in picked]),
+                                                   _stack([s.res.g_idx for _, s, _ in picked]), run.plan.cfg.bits)))
+    losses = torch.stack([s.res.losses[sl].sum() for _, s, sl in parts]).tolist()
+    for (n, s, sl), loss in zip(parts, losses):
+        w = modules[n].weight
+        w.data.copy_(s.res.weight[sl].to(w.dtype))
+        share = s.seconds * w.shape[0] / s.res.weight.shape[0]
+        method = "gptq" if s.tokens else "rtn"
+        run.outcome.stats.append(ModuleStat(i, n, loss, s.res.damp, share, s.tokens, method))
+        log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, s.res.damp)
+    prefix = f"{run.family.layers}.{i}."
+    for ks, tensors in packed:
+        run.mover.fetch_stacked(tensors, run.outcome.packed, [prefix + parts[k][0] for k in ks])
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """[B, ...] from B tensors (one: a view, no copy)."""
+    return ts[0][None] if len(ts) == 1 else torch.stack(ts)
+
+
 def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs, done: set[str]) -> None:
     """One stacked GPTQ problem per distinct Hessian (spread over the ranks when there are
     several); weights written back, packed tensors fetched (by rank 0, which writes). Leads
@@ -593,34 +649,20 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
             raise QuantizationFailed(f"layer {i} {names[finite.index(False)]}: quantization produced NaN/Inf weights")
         return results
 
+    pending: list[_Solved] = []  # results waiting to be packed and written back together
     t0 = time.perf_counter()
     for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve, cross=cfg.gptaq)):
-        method = "gptq" if n_tok else "rtn"
         if not n_tok and cfg.method == "gptq":
             log.warning("layer %d: %s saw no calibration tokens; quantized with round-to-nearest", i,
                         ", ".join(members[lead]))
-        runtime.sync(device)
         elapsed = time.perf_counter() - t0
         t["solve"] += elapsed
-        t0 = time.perf_counter()
-        rows, row = {}, 0
-        for n in members[lead]:
-            rows[n] = slice(row, row + modules[n].weight.shape[0])
-            row = rows[n].stop
-        # Everything that allocates first, then the write-back: a lead is written whole or not at all.
-        packed = {n: gptq_v1.pack_linear(res.Q[sl], res.scale[:, sl], res.zero[:, sl], res.g_idx, cfg.bits)
-                  for n, sl in rows.items()} if ranks.main else {}
-        for n, sl in rows.items():
-            w = modules[n].weight
-            w.data.copy_(res.weight[sl].to(w.dtype))
-            if ranks.main:
-                run.mover.fetch(packed[n], run.outcome.packed, f"{run.family.layers}.{i}.{n}")
-            loss = res.losses[sl].sum().item()
-            share = elapsed * w.shape[0] / res.weight.shape[0]
-            run.outcome.stats.append(ModuleStat(i, n, loss, res.damp, share, n_tok, method))
-            log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, res.damp)
-        done.add(lead)
-        del res, packed
-        runtime.sync(device)
-        t["pack"] += time.perf_counter() - t0
+        pending.append(_Solved(lead, res, n_tok, elapsed))
+        if lead == leads[-1] or sum(p.res.weight.numel() * 4 for p in pending) >= PACK_BATCH_BYTES:
+            t0 = time.perf_counter()
+            _write_back(run, i, modules, members, pending)
+            done.update(p.lead for p in pending)
+            pending.clear()
+            runtime.sync(device)
+            t["pack"] += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -402,6 +402,19 @@ class Mover:
 
         self._after_main(copy)
 
+    def fetch_stacked(self, tensors: dict[str, torch.Tensor], into: dict, keys: list[str]) -> None:
+        """into[keys[b]] = {name: tensors[name][b]}: a batch's stacked tensors copied to the
+        host in one go each, then handed out as views (once the work producing them is done)."""
+        def copy():
+            host = {k: v.to("cpu") for k, v in tensors.items()}
+            for b, key in enumerate(keys):
+                into[key] = {k: v[b] for k, v in host.items()}
+
+        if not self.cuda:
+            copy()
+            return
+        self._after_main(copy)
+
     def then(self, job: Callable[[], None]) -> None:
         """Run job() once every copy started so far is done (on the worker, in order)."""
         if not self.cuda:

@@ -38,6 +38,25 @@ def test_pack_matches_reference(bits):
     assert torch.equal(unpack(words, bits, rows).long(), values)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_stacked_linears_pack_as_each_alone(bits):
+    """The pipeline packs a stack of same-shaped Linears (an MoE layer's experts) at once:
+    each slice of the result is what packing that Linear alone gives, bit for bit."""
+    g = torch.Generator().manual_seed(10 + bits)
+    B, out, cols, groups = 3, 64, 96, 3
+    Q = torch.randint(0, 2**bits, (B, out, cols), generator=g, dtype=torch.uint8)
+    scale = torch.rand(B, groups, out, generator=g)
+    zero = torch.randint(0, 2**bits, (B, groups, out), generator=g).float()
+    g_idx = torch.arange(cols).div(32, rounding_mode="floor").expand(B, cols)
+    stacked = pack_linear(Q, scale, zero, g_idx, bits)
+    for b in range(B):
+        alone = pack_linear(Q[b], scale[b], zero[b], g_idx[b], bits)
+        assert alone.keys() == stacked.keys()
+        for k in alone:
+            assert torch.equal(stacked[k][b], alone[k]), k
+        assert torch.equal(reference_unpack(alone["qweight"], bits, cols), Q[b].T.long())
+
+
 def test_known_word_layout():
     # 4-bit: eight values per word, value j at bits 4j..4j+3.
     values = torch.arange(8).view(8, 1)
