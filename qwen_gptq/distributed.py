@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import BadInput
-from .gptq import CrossProducts, GPTQResult, Hessian
+from .gptq import CrossProducts, GPTQResult, Hessian, Shared
 
 log = logging.getLogger("qwen_gptq")
 
@@ -153,8 +153,10 @@ class Problem:
 
 
 # A batch of problems of one shape: (names, W [B, rows, columns], H [B, columns, columns]
-# or None: no tokens, GPTAQ's D like H or None) -> their results
-Solve = Callable[[list[str], torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[GPTQResult]]
+# or None: no tokens, GPTAQ's D like H or None, and how the ranks share Hinv's work: None,
+# or for W this rank's rows of problems every rank holds H of) -> their results
+Solve = Callable[[list[str], torch.Tensor, torch.Tensor | None, torch.Tensor | None, Shared | None],
+                 list[GPTQResult]]
 
 SOLVE_BATCH_BYTES = 1 << 30  # Hessians (float32) per batched solve; its temporaries take about three times that
 
@@ -217,7 +219,7 @@ def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _solve_batch(problems: list[Problem], batch: list[int], solve: Solve, H: torch.Tensor | None,
                  D: torch.Tensor | None) -> list[GPTQResult]:
-    return solve([problems[i].name for i in batch], torch.stack([problems[i].stacked() for i in batch]), H, D)
+    return solve([problems[i].name for i in batch], torch.stack([problems[i].stacked() for i in batch]), H, D, None)
 
 
 def _cost(p: Problem) -> int:
@@ -267,9 +269,14 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
         for i, p in enumerate(problems):
             H, hessians[i] = hessians[i], None
             D, crosses[i] = crosses[i], None
-            rows = _rows(group, p.shape[0])[group.rank]
+            split_rows = _rows(group, p.shape[0])
+            rows = split_rows[group.rank]
+            # Hinv's triangular solve, the one step that is the same on every rank, is
+            # shared too (its column blocks; summed in one all-reduce), where every rank has rows.
+            shared = Shared(group.rank, group.size, dist.all_reduce) if all(
+                r.stop > r.start for r in split_rows) and H is not None else None
             if rows.stop > rows.start:
-                mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D))[0]
+                mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
             del H, D
         for i, (p, n) in enumerate(zip(problems, counts)):
             parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r, [mine.pop(i)] if r == group.rank else None,

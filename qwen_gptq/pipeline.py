@@ -33,7 +33,7 @@ from . import distributed, fastpath, gptq_v1, runtime
 from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
-from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, gptq_batch, rtn
+from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, Shared, gptq_batch, rtn
 from .resume import WorkDir
 from .runtime import LayerForwards, LayerInputs, Mover, StopForward, Weights
 
@@ -637,11 +637,12 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
     group.cross.clear()
 
-    def solve(names: list[str], W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None) -> list[GPTQResult]:
+    def solve(names: list[str], W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None,
+              shared: Shared | None) -> list[GPTQResult]:
         if H is None:
             return [rtn(w, cfg) for w in W]
         try:
-            results = gptq_batch(W, H, cfg, overwrite_h=True, D=D)
+            results = gptq_batch(W, H, cfg, overwrite_h=True, D=D, shared=shared)
         except CholeskyFailed as e:
             raise QuantizationFailed(f"layer {i} {names[e.index]}: {e}") from None
         finite = torch.stack([torch.isfinite(r.weight).all() for r in results]).tolist()

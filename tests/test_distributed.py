@@ -101,9 +101,10 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
 SOLVE_SCRIPT = """
 import json, sys
 import torch
-from qwen_gptq import distributed
+from qwen_gptq import distributed, gptq as solver
 from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 
+solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 cfg = QuantConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0)
@@ -121,7 +122,7 @@ def problems(rows):
         out.append(distributed.Problem(f"p{k}", [W], h, c))
     return out
 
-solve = lambda names, W, H, D: gptq_batch(W, H, cfg, D=D)
+solve = lambda names, W, H, D, shared: gptq_batch(W, H, cfg, D=D, shared=shared)
 mine = slice(group.rank * n // group.size, (group.rank + 1) * n // group.size)
 report = {}
 for label, chosen in (("owners", [0, 1, 2]), ("split", [0])):  # 3 problems: owners; 1 problem: rows split
@@ -145,8 +146,9 @@ distributed.finish(together=True)
 @pytest.mark.slow
 def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     """GPTAQ across 2 processes (gloo): each rank accumulates H and D over its half of the
-    rows; spread over owners or split by rows, the result is the one process's (codes equal
-    but for summation-order ties) and fits the full-precision outputs better than plain GPTQ."""
+    rows; spread over owners or split by rows (Hinv's solve shared), the result is the one
+    process's (codes equal but for summation-order ties) and fits the full-precision outputs
+    better than plain GPTQ."""
     script = tmp_path / "solve.py"
     script.write_text(SOLVE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}

@@ -3,15 +3,18 @@
 import pytest
 import torch
 
+from qwen_gptq import gptq as solver
 from qwen_gptq.gptq import (
     MAX_DAMP,
     CholeskyFailed,
     QuantConfig,
+    Shared,
     find_params,
     gptq,
     gptq_batch,
     inverse_hessians,
     rtn,
+    upper_cholesky_of_inverse,
 )
 from qwen_gptq.gptq_v1 import MIN_ZERO
 
@@ -63,6 +66,34 @@ def test_asym_zero_point_is_storable_in_v1_format():
     q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, 15)
     err = (scale[:, None] * (q - zero[:, None]) - x).abs().max()
     assert err <= scale.max() / 2 + 1e-6
+
+
+def test_blocked_inverse_and_its_shares_give_the_cholesky_of_the_inverse(monkeypatch):
+    """Hinv from K⁻¹ solved in column blocks (as for a large Hessian) is the upper Cholesky
+    factor of H⁻¹ that the reference's three steps give; split over three processes, each
+    fills only its own blocks (no entry filled twice, none missing) and their sum is it."""
+    monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 64)
+    n = 200
+    _, _, H = _problem(seed=3, in_f=n)
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    H = H.double()
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U, ok = upper_cholesky_of_inverse(H)
+    assert ok.item() and torch.allclose(U, reference, rtol=0, atol=1e-10 * reference.abs().max())
+    assert len(solver.inverse_blocks(n)) == solver.INVERSE_BLOCKS
+
+    partial = []
+    for part in range(3):  # (what is combined goes to a collective: it must be contiguous)
+        upper_cholesky_of_inverse(H, Shared(part, 3, lambda t: partial.append(t.clone()) if t.is_contiguous() else None))
+    assert len(partial) == 3
+    filled = torch.stack([p != 0 for p in partial])
+    assert filled.sum(0).max() == 1  # each entry from one process only: the sum is exact
+    assert torch.equal(filled.any(0), torch.ones(n, n, dtype=torch.bool).tril())
+    costs = [sum((n - c0) ** 2 * (c1 - c0) for c0, c1 in solver.inverse_blocks(n, r, 3)) for r in range(3)]
+    assert max(costs) < 1.3 * min(costs)  # balanced
+    total = sum(partial)
+    U3, ok3 = upper_cholesky_of_inverse(H, Shared(0, 3, lambda t: t.copy_(total)))
+    assert ok3.item() and torch.allclose(U3, reference, rtol=0, atol=1e-10 * reference.abs().max())
 
 
 def test_failed_cholesky_raises_damp_and_logs(caplog):
