@@ -38,9 +38,10 @@ def gptqmodel_worker(ids_file, model, out, bits, group_size, dtype):
     m.save(out)
 
 
-def timed(cmd, env=None) -> float:
+def timed(cmd, env=None, stdout=None) -> float:
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(stdout, "w") if stdout else open(os.devnull, "w") as out:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - t
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
@@ -59,6 +60,10 @@ def main():
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--ours", nargs="+", default=[""], metavar="FLAGS",
+                   help="qwen-gptq runs per repeat, each with these extra flags (start each with a space): "
+                        "--ours '' ' --max-gpu-memory 12GB' '' times a first run, a limited one and a second plain one")
+    p.add_argument("--peaks", action="store_true", help="also report qwen-gptq's peak host and GPU memory (its --json)")
     p.add_argument("--gptqmodel-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype GPTQModel loads the model in: float32 (default) is its fastest on CPUs without bf16 "
                         "matrix units; bfloat16 is what it picks by itself for this bf16 checkpoint (several times slower)")
@@ -86,10 +91,20 @@ def main():
     timed(worker + [str(tmp / "warm.json"), a.model, str(tmp / "warm"), str(a.bits), str(a.group_size),
                     a.gptqmodel_dtype], env)
 
-    times = {"qwen-gptq": [], "gptqmodel": []}
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, list] = {}
     for _ in range(a.repeat):
-        times["qwen-gptq"].append(timed(ours, env))
-        times["gptqmodel"].append(timed(theirs, env))
+        for flags in a.ours:
+            name = f"qwen-gptq{flags}".rstrip()
+            if a.peaks:
+                report = tmp / "ours.json"
+                times.setdefault(name, []).append(timed(ours + ["--json"] + flags.split(), env, report))
+                r = json.loads(report.read_text())
+                peaks.setdefault(name, []).append({"host_gb": round(r["peak_host_bytes"] / 1e9, 2),
+                                                   "gpu_gb": round(r["peak_gpu_bytes"] / 1e9, 2)})
+            else:
+                times.setdefault(name, []).append(timed(ours + flags.split(), env))
+        times.setdefault("gptqmodel", []).append(timed(theirs, env))
     med = {k: statistics.median(v) for k, v in times.items()}
     import gptqmodel
     import torch
@@ -100,7 +115,8 @@ def main():
         "gptqmodel": gptqmodel.__version__, "gptqmodel_dtype": a.gptqmodel_dtype,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
         "median_s": {k: round(v, 2) for k, v in med.items()},
-        "ratio_ours_to_gptqmodel": round(med["qwen-gptq"] / med["gptqmodel"], 3),
+        "ratio_ours_to_gptqmodel": round(med[next(iter(med))] / med["gptqmodel"], 3),
+        "peaks": peaks,
     }))
 
 
