@@ -391,17 +391,6 @@ class Mover:
 
         self._after_main(copy)
 
-    def fetch(self, tensors: dict[str, torch.Tensor], into: dict, key: str) -> None:
-        """into[key] = tensors, copied to the host (once the work producing them is done)."""
-        if not self.cuda:
-            into[key] = {k: v.to("cpu") for k, v in tensors.items()}
-            return
-
-        def copy():
-            into[key] = {k: v.to("cpu") for k, v in tensors.items()}
-
-        self._after_main(copy)
-
     def fetch_stacked(self, tensors: dict[str, torch.Tensor], into: dict, keys: list[str]) -> None:
         """into[keys[b]] = {name: tensors[name][b]}: a batch's stacked tensors copied to the
         host in one go each, then handed out as views (once the work producing them is done)."""
