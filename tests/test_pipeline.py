@@ -1,5 +1,7 @@
 """The sequential pipeline's shortcuts must not change what it computes."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +67,30 @@ def test_memoized_outputs_give_the_same_result_with_one_product_per_linear(monke
     batches = len(calibration.batches)
     assert n_memo == batches * (7 * 2 - 1)
     assert n_plain > n_memo
+
+
+def test_results_packed_one_lead_at_a_time_or_stacked_are_the_same(monkeypatch):
+    """The solved Linears are packed in stacks of one shape, up to PACK_BATCH_BYTES at a
+    time: with a limit that flushes after every lead, the packed tensors and the stats are
+    the very same (here q, k, v share a Hessian; k and v, and gate and up, share a shape)."""
+    from qwen_gptq import pipeline
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    calibration = calib.calibration(calib.read_samples(CALIB)[:2], tok, 32, batch_size=2)
+    family = family_for("qwen2")
+    model = _two_layer_tiny()
+    model.model.layers = model.model.layers[:1]
+    runs = {}
+    for limit in (1, pipeline.PACK_BATCH_BYTES):
+        monkeypatch.setattr(pipeline, "PACK_BATCH_BYTES", limit)
+        plan = Plan(QuantConfig(bits=4, group_size=128, mse=False), torch.device("cpu"), progress=False)
+        runs[limit] = quantize_model(copy.deepcopy(model), family, calibration, plan)
+    one, stacked = runs[1], runs[pipeline.PACK_BATCH_BYTES]
+    assert one.packed.keys() == stacked.packed.keys() and len(one.packed) == 7
+    for name in one.packed:
+        for k in one.packed[name]:
+            assert torch.equal(one.packed[name][k], stacked.packed[name][k]), (name, k)
+    assert [(s.layer, s.module, s.loss) for s in one.stats] == [(s.layer, s.module, s.loss) for s in stacked.stats]
 
 
 def test_gpu_memo_budget_leaves_the_runs_own_peak():
