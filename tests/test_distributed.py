@@ -34,6 +34,16 @@ def test_batches_are_shared_by_tokens_and_problems_by_cost():
     assert owners[0] == 0 and set(owners[1:]) == {1}  # the big one alone; the eight small ones together
 
 
+def test_the_inverse_is_shared_only_by_ranks_on_one_host(monkeypatch):
+    group = distributed.Group(rank=1, size=4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.one_host(group)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert distributed.one_host(group)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two hosts of two
+    assert not distributed.one_host(group)
+
+
 def test_the_gpus_launcher_refuses_more_gpus_than_visible(tmp_path):
     r = cli("quantize", *ARGS, "--out_path", tmp_path / "q", "--gpus", "64")
     assert r.returncode == 2 and "--gpus 64" in r.stderr and "visible" in r.stderr, r.stderr
