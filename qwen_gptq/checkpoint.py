@@ -302,10 +302,10 @@ def save_weights(state: dict[str, Stored], out_dir: Path, max_bytes: int) -> lis
     return names + [INDEX_NAME]
 
 
-def linkable(files: list[Path], max_bytes: int) -> bool:
+def linkable(files: list[TensorFile], max_bytes: int) -> bool:
     """Whether these safetensors files can be the output's shards as they are: more than
     one shard's worth in all (a smaller output is one model.safetensors), none over."""
-    sizes = [_tensor_bytes(TensorFile(f)) for f in files]
+    sizes = [_tensor_bytes(f) for f in files]
     return sum(sizes) > max_bytes and max(sizes) <= max_bytes
 
 
@@ -313,20 +313,19 @@ def _tensor_bytes(f: TensorFile) -> int:
     return sum(math.prod(f.shape(k)) * f.dtype(k).itemsize for k in f.names())
 
 
-def link_shards(files: list[Path], out_dir: Path) -> list[str]:
+def link_shards(files: list[TensorFile], out_dir: Path) -> list[str]:
     """The output's shards and index made of finished safetensors files, hard-linked
     (copied where the filesystem has no hard links), none read or rewritten. Returns
     the file names."""
     names, weight_map, total = [], {}, 0
-    for i, src in enumerate(files, start=1):
+    for i, f in enumerate(files, start=1):
         name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
         try:
-            os.link(src, out_dir / name)
+            os.link(f.path, out_dir / name)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
-            shutil.copyfile(src, out_dir / name)
-        f = TensorFile(src)
+            shutil.copyfile(f.path, out_dir / name)
         weight_map.update(dict.fromkeys(f.names(), name))
         total += _tensor_bytes(f)
         names.append(name)

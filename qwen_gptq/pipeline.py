@@ -390,7 +390,7 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
     for full, tensors in run.plan.work.packed(i).items():
         w = layer.get_submodule(full[len(prefix):]).weight
         w.data.copy_(gptq_v1.dequantize_linear(**tensors, bits=run.plan.cfg.bits).to(w.device, w.dtype))
-    run.outcome.stats += [ModuleStat(**s) for s in run.plan.work.stored(i)[1]]
+    run.outcome.stats += [ModuleStat(**s) for s in run.plan.work.stats(i)]
     if next_layer is not None:
         _forward_all(run, i, layer, None)
     _leave(run, layer, start)

@@ -241,7 +241,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     outside.result()
 
     t0 = time.perf_counter()
-    shards = work.files(len(layers))
+    shards = [checkpoint.TensorFile(p) for p in work.files(len(layers))]  # (headers read once)
     linked = checkpoint.linkable(shards, o.shard_bytes)
     state = {} if linked else _output_tensors(shards)
     try:
@@ -304,11 +304,10 @@ def _outside_tensors(o: QuantizeOptions, c: _Checked, model: nn.Module) -> dict[
     return state
 
 
-def _output_tensors(files: list[Path]) -> dict[str, checkpoint.Stored]:
+def _output_tensors(files: list[checkpoint.TensorFile]) -> dict[str, checkpoint.Stored]:
     """Every tensor of the output, from the work directory's files, each read when the
     writer reaches it, in natural order."""
     state = {}
-    for path in files:
-        f = checkpoint.TensorFile(path)
+    for f in files:
         state.update({k: checkpoint.Stored.from_file(f, k) for k in f.names()})
     return checkpoint.natural_order(state)

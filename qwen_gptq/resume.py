@@ -135,10 +135,9 @@ class WorkDir:
         checkpoint.write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, path)
 
-    def stored(self, i: int) -> tuple[dict[str, checkpoint.Stored], list[dict]]:
-        """Layer i's tensors, each read when asked for, and its log rows."""
-        f = checkpoint.TensorFile(self._file(i))
-        return {k: checkpoint.Stored.from_file(f, k) for k in f.names()}, json.loads(f.metadata["stats"])
+    def stats(self, i: int) -> list[dict]:
+        """Layer i's log rows."""
+        return json.loads(checkpoint.TensorFile(self._file(i)).metadata["stats"])
 
     def packed(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
         """Layer i's packed Linears: module -> qweight/qzeros/scales/g_idx."""

@@ -218,15 +218,16 @@ def test_large_output_links_the_work_files_as_its_shards(tmp_path):
                                      {"format": "pt"})
         files.append(work / f"{name}.safetensors")
         tensors.update(part)
-    assert checkpoint.linkable(files, 12_000)  # 20 kB in all, 12 kB at most a file
-    assert not checkpoint.linkable(files, 10_000) and not checkpoint.linkable(files, 30_000)
+    heads = [checkpoint.TensorFile(f) for f in files]
+    assert checkpoint.linkable(heads, 12_000)  # 20 kB in all, 12 kB at most a file
+    assert not checkpoint.linkable(heads, 10_000) and not checkpoint.linkable(heads, 30_000)
 
     linked, copied = tmp_path / "linked", tmp_path / "copied"
     linked.mkdir(), copied.mkdir()
-    names = checkpoint.link_shards(files, linked)
+    names = checkpoint.link_shards(heads, linked)
     assert names == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)] + [checkpoint.INDEX_NAME]
     assert all((linked / n).samefile(f) for n, f in zip(names, files))  # the very files, not copies
-    checkpoint.save_weights(_output_tensors(files), copied, 10_000)
+    checkpoint.save_weights(_output_tensors(heads), copied, 10_000)
     for d in (linked, copied):
         index = json.loads((d / checkpoint.INDEX_NAME).read_text())
         assert index["metadata"]["total_size"] == 20_000
