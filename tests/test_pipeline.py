@@ -93,6 +93,41 @@ def test_results_packed_one_lead_at_a_time_or_stacked_are_the_same(monkeypatch):
     assert [(s.layer, s.module, s.loss) for s in one.stats] == [(s.layer, s.module, s.loss) for s in stacked.stats]
 
 
+def test_staging_copies_every_byte_through_two_small_buffers():
+    """The mover's pinned staging, run on CPU tensors with stand-in events and 16-byte
+    buffers: every dtype and shape (0-dim, sizes not a multiple of the buffer) arrives
+    byte for byte both ways, and a buffer is reused only after its last copy's event was
+    waited on."""
+    from qwen_gptq import runtime
+
+    events = []
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+            events.append(self)
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            self.waited = True
+
+    staging = runtime.Staging(Event, stage_bytes=16, pinned=False)
+    tensors = [torch.randn(5, 7).to(torch.bfloat16), torch.randint(-2**31, 2**31 - 1, (3, 11), dtype=torch.int32),
+               torch.tensor(3.5), torch.rand(13) > 0.5, torch.randint(0, 255, (33,), dtype=torch.uint8),
+               torch.randn(2, 3, 4)]
+    for t in tensors:
+        there = torch.empty_like(t)
+        staging.to_device(t, there)
+        back = torch.empty_like(t)
+        staging.to_host(there, back)
+        assert torch.equal(there, t) and torch.equal(back, t), t.dtype
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    assert len(events) == 2 * sum(-(-n // 16) for n in sizes)
+    assert all(e.waited for e in events[:-2])  # all but the last of each buffer: before the buffer's next use
+
+
 def test_gpu_memo_budget_leaves_the_runs_own_peak():
     """On CUDA, memoized outputs get what the run does not need of the GPU (its
     --max-gpu-memory limit, else all of it): nothing before a layer has shown the run's
