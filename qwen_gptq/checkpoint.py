@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import errno
 import fnmatch
+import functools
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import re
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,18 +166,63 @@ class TensorFile:
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         """The tensor `name`, or with `index` its slice [index] along the first dimension."""
-        entry = self.header[name]
+        return read_many([(self, name, index)])[0]
+
+    def span(self, name: str, index: int | None = None) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+        """(offset in the file, bytes, dtype, shape) of the tensor or of its slice [index]."""
         dtype, shape = self.dtype(name), self.shape(name)
-        start, end = entry["data_offsets"]
+        start, end = self.header[name]["data_offsets"]
         if index is not None:
             step = (end - start) // shape[0]
             start, end, shape = start + index * step, start + (index + 1) * step, shape[1:]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.base + start)
-            if f.readinto(memoryview(buf.numpy())) != end - start:
-                raise BadInput(f"{self.path}: truncated (tensor {name})")
-        return buf.view(dtype).reshape(shape)
+        return self.base + start, end - start, dtype, shape
+
+
+READ_CHUNK = 16 << 20  # bytes per read call
+READ_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+def read_many(wanted: list[tuple[TensorFile, str, int | None]]) -> list[torch.Tensor]:
+    """The tensors (file, name, [index] or None), read with plain reads in chunks of
+    READ_CHUNK by READ_THREADS threads (pread releases the GIL).
+
+    Plain reads, not a memory map: what was read is freed with the tensor. Several at
+    once: one thread reading a 72B-shaped layer (1.76 GB) from the page cache managed
+    1.4 GB/s on the GPU machine (a copy, and faulting in the fresh buffer's pages, one
+    page at a time), and 0.7-0.8 GB/s from its disk, which serves a deeper queue faster.
+    """
+    out, jobs = [], []
+    for f, name, index in wanted:
+        offset, size, dtype, shape = f.span(name, index)
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        jobs += [(f.path, offset + a, view[a:a + READ_CHUNK]) for a in range(0, size, READ_CHUNK)]
+        out.append(buf.view(dtype).reshape(shape))
+    if len(jobs) <= 1 or READ_THREADS == 1:
+        for job in jobs:
+            _read_chunk(*job)
+        return out
+    for _ in _readers().map(lambda job: _read_chunk(*job), jobs):
+        pass
+    return out
+
+
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qwen-gptq-read")
+
+
+def _read_chunk(path: Path, offset: int, into: memoryview) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(into):
+            n = os.preadv(fd, [into[done:]], offset + done)
+            if n == 0:
+                raise BadInput(f"{path}: truncated (a tensor ends past the end of the file)")
+            done += n
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

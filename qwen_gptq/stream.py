@@ -4,8 +4,8 @@ open_streamed() builds the model as transformers would, with every parameter on 
 device (hf.skeleton: no memory), reads the tensors outside the decoder layers (embeddings,
 final norm, lm_head) and returns a Streamed, which fills a decoder layer with its tensors
 when the layer's turn comes and empties it once the layer is written. Tensors are read
-from the safetensors files one at a time with plain reads (checkpoint.TensorFile), so the
-host holds a layer or two whatever the model's depth.
+from the safetensors files with plain reads, a layer's at once (checkpoint.read_many), so
+the host holds a layer or two whatever the model's depth.
 
 The checkpoint's names map to the model's as transformers maps them for the Qwen
 families: a prefix rename (older vision-language checkpoints say model.* for
@@ -62,7 +62,10 @@ class _Read:
     rows: slice | None = None
 
     def __call__(self) -> torch.Tensor:
-        t = self.file.read(self.name, self.index)
+        return self.shaped(self.file.read(self.name, self.index))
+
+    def shaped(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's tensor from what was read."""
         if self.transpose:
             t = t.T
         if self.rows is not None:
@@ -87,9 +90,10 @@ class Streamed:
     def fill(self, layer: nn.Module) -> None:
         """Give a decoder layer its tensors from the checkpoint."""
         prefix = self.prefix[id(layer)]
-        for key, read in self.reads.items():
-            if key.startswith(prefix):
-                _assign(layer, key[len(prefix):], read())
+        reads = {key: read for key, read in self.reads.items() if key.startswith(prefix)}
+        tensors = checkpoint.read_many([(r.file, r.name, r.index) for r in reads.values()])  # (all at once)
+        for (key, read), t in zip(reads.items(), tensors):
+            _assign(layer, key[len(prefix):], read.shaped(t))
 
     def release(self, layer: nn.Module) -> None:
         """Take a decoder layer's tensors away again (back to the meta device)."""
