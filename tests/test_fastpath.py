@@ -63,13 +63,25 @@ SCRIPT = textwrap.dedent("""
                                                   for a, b in zip(batch, alone)),
                "loss_rel": max(abs(a.losses.sum().item() / b.losses.sum().item() - 1) for a, b in zip(batch, alone))}
 
+    # Rows per program (fastpath.row_tile shrinks them on GPUs with idle SMs): the same bits.
+    fastpath.ROW_TILE_OVERRIDE = 8
+    W40 = torch.randn(40, 128, generator=g)
+    X40 = torch.randn(256, 128, generator=g)
+    H40 = 2 * X40.T @ X40 / 256
+    cfg_t = G.QuantConfig(bits=4, group_size=64)
+    small = G.gptq(W40, H40, cfg_t)
+    fastpath.ROW_TILE_OVERRIDE = None
+    large = G.gptq(W40, H40, cfg_t)
+    tiles = {"equal": torch.equal(small.Q, large.Q) and torch.equal(small.scale, large.scale)
+             and torch.equal(small.losses, large.losses), "default": fastpath.row_tile(40, 1, 128)}
+
     # A kernel that fails (a GPU Triton cannot build for) hands over to the loop, once.
     def broken(*a, **k):
         raise RuntimeError("no kernel for this GPU")
     fastpath.triton_block = broken
     fallback = G.gptq(W, H, cfg)
     fell_back = {"equal": torch.equal(fallback.Q, b.Q), "disabled": not fastpath.triton_available(W)}
-    print(json.dumps({"cases": out, "batched": batched, "fallback": fell_back}))
+    print(json.dumps({"cases": out, "batched": batched, "tiles": tiles, "fallback": fell_back}))
 """)
 
 
@@ -87,5 +99,6 @@ def test_triton_kernel_matches_the_pytorch_loop():
         assert case["loss_rel"] < 1e-6, case
     batched = result["batched"]
     assert batched["launches"] == 1 and batched["equal"] and batched["loss_rel"] < 1e-6, batched  # 128 columns: one block
+    assert result["tiles"] == {"equal": True, "default": 32}, result["tiles"]  # 8 rows a program against 32
     assert result["fallback"] == {"equal": True, "disabled": True}
     assert "using the PyTorch loop instead" in r.stderr
