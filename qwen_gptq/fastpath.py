@@ -34,10 +34,8 @@ except ImportError:  # optional: the PyTorch loop is used instead
     triton = None
 
 FP16 = torch.finfo(torch.float16)  # scales are stored in float16: clamp them to its range
-TRITON_ROW_TILE_ELEMENTS = 4096  # a program's tile: rows × next_pow2(block columns) at most this
+TRITON_ROW_TILE_ELEMENTS = 1024  # a program's tile: rows × next_pow2(block columns) at most this (see row_tile)
 TRITON_MAX_ROW_TILE = 32
-TRITON_MIN_ROW_TILE = 8
-TRITON_PROGRAMS_PER_SM = 4  # row tiles shrink (to the minimum) until there are this many programs per SM
 ROW_TILE_OVERRIDE: int | None = None  # scripts/bench_block_kernel.py's
 
 
@@ -189,18 +187,14 @@ def hessian_addmm(H: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
 # Rounding matches torch's: round-half-to-even, IEEE division, scales rounded to float16.
 
 
-def row_tile(rows: int, batch: int, count: int, device: torch.device | None = None) -> int:
-    """Rows per program of the block kernel: as many as fit the tile, fewer while that
-    leaves fewer than TRITON_PROGRAMS_PER_SM programs per SM. A program walks its block's
-    columns one after another, so its time hardly depends on its rows: a problem split
-    over two GPUs (half the rows each) took 0.71× the whole one's kernel time, not 0.5×,
-    with the SMs half idle. Each row is computed alone: the tile never changes the bits."""
-    tile = max(1, min(TRITON_MAX_ROW_TILE, TRITON_ROW_TILE_ELEMENTS // triton.next_power_of_2(count)))
-    cuda = device is not None and device.type == "cuda"
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0  # (Triton's CPU interpreter: 0)
-    while tile > TRITON_MIN_ROW_TILE and -(-rows // tile) * batch < TRITON_PROGRAMS_PER_SM * sms:
-        tile //= 2
-    return tile
+def row_tile(count: int) -> int:
+    """Rows per program of the block kernel. A program walks its block's columns one
+    after another, so a smaller tile means more programs in flight for the same work:
+    on an H200 (scripts/bench_block_kernel.py, 128 columns) 8 rows a program took
+    0.7-0.95x the time of 32 for every problem the pipeline gives it, dense halves on
+    two GPUs (4096-14784 rows) and MoE batches (64 experts x 768-2048 rows) alike, and 4
+    was slower on the large ones. Each row is computed alone: the tile never changes the bits."""
+    return max(1, min(TRITON_MAX_ROW_TILE, TRITON_ROW_TILE_ELEMENTS // triton.next_power_of_2(count)))
 
 
 def triton_block(b: Block, cfg: QuantConfig) -> BlockOut:
@@ -214,7 +208,7 @@ def triton_block(b: Block, cfg: QuantConfig) -> BlockOut:
                    S=torch.empty(batch, n_s, rows, device=W1.device, dtype=torch.float32),
                    Z=torch.empty(batch, n_s, rows, device=W1.device, dtype=torch.float32))
     BC = triton.next_power_of_2(count)
-    BR = ROW_TILE_OVERRIDE or row_tile(rows, batch, count, W1.device)
+    BR = ROW_TILE_OVERRIDE or row_tile(count)
     grid = (triton.cdiv(rows, BR), batch)  # (row tiles, problems of the batch)
     weighted = b.clip_weight is not None
     _block_kernel[grid](

@@ -6,8 +6,8 @@ several row tiles (rows per program), on the problem sizes the pipeline gives it
 
 One JSON line per (rows, batch, tile): milliseconds per launch (median of 20 after a
 warm-up), and whether the codes equal those of the default tile (each row is computed
-alone, so they must). On two GPUs each rank solves half a dense problem's rows, and a
-tile sized for all of them leaves SMs idle: this is what chooses fastpath.row_tile.
+alone, so they must). On what chose fastpath.row_tile's tile (figures in its docstring
+and docs/benchmarks.md).
 """
 
 import argparse
@@ -58,8 +58,7 @@ def main():
         for rows in a.rows:
             b = block(batch, rows)
             chosen, ref = timed(b, cfg, None)
-            tile = fastpath.row_tile(rows, batch, 128, torch.device("cuda"))
-            row = {"rows": rows, "batch": batch, "chosen_tile": tile, "chosen_ms": round(chosen, 3)}
+            row = {"rows": rows, "batch": batch, "chosen_tile": fastpath.row_tile(128), "chosen_ms": round(chosen, 3)}
             for tile in a.tiles:
                 ms, Q = timed(b, cfg, tile)
                 row[f"tile{tile}_ms"] = round(ms, 3)
