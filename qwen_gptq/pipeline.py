@@ -407,9 +407,9 @@ def _save_layer(run: _Run, i: int, layer: nn.Module) -> None:
         packed = {k: run.outcome.packed.pop(k) for k in [k for k in run.outcome.packed if k.startswith(prefix)]}
         tensors = {f"{m}.{leaf}": t for m, ts in packed.items() for leaf, t in ts.items()}
         quantized = {f"{m[len(prefix):]}.weight" for m in packed}
-        for name, t in layer.state_dict().items():
+        for name, t in layer.state_dict(keep_vars=True).items():  # (no detached copy of every quantized weight)
             if name not in quantized:
-                tensors[prefix + name] = t.to("cpu", dtype if t.is_floating_point() else t.dtype)
+                tensors[prefix + name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
         run.plan.work.save(i, tensors, stats)
 
     run.mover.then(job)
