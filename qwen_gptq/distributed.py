@@ -276,11 +276,12 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
             D, crosses[i] = crosses[i], None
             split_rows = _rows(group, p.shape[0])
             rows = split_rows[group.rank]
-            # Hinv's triangular solve, the one step that is the same on every rank, is
-            # shared too (its column blocks; summed in one all-reduce), where every rank has
-            # rows and all ranks share a host (between hosts the all-reduce, columns² × 4
-            # bytes, costs more than the work it splits: 72B, 3.5 GB ≈ 0.3 s at 100 Gb/s
-            # against ≈ 0.15 s of solving saved).
+            # Hinv, the one step that is the same on every rank, is shared too (its
+            # Cholesky in halves and its triangular solve in column blocks, each part summed
+            # in an all-reduce: gptq.lower_cholesky, upper_cholesky_of_inverse), where every
+            # rank has rows and all ranks share a host (between hosts the all-reduces,
+            # 1.5 × columns² × 4 bytes, cost more than the work they split: 72B, 5.2 GB ≈
+            # 0.4 s at 100 Gb/s against ≈ 0.25 s of work saved).
             shared = Shared(group.rank, group.size, dist.all_reduce) if one_host(group) and all(
                 r.stop > r.start for r in split_rows) and H is not None else None
             if rows.stop > rows.start:

@@ -115,6 +115,7 @@ from qwen_gptq import distributed, gptq as solver
 from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 
 solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
+solver.CHOLESKY_SPLIT_FROM = 32  # ... and its Cholesky
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 cfg = QuantConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0)
@@ -156,7 +157,7 @@ distributed.finish(together=True)
 @pytest.mark.slow
 def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     """GPTAQ across 2 processes (gloo): each rank accumulates H and D over its half of the
-    rows; spread over owners or split by rows (Hinv's solve shared), the result is the one
+    rows; spread over owners or split by rows (Hinv's Cholesky and solve shared), the result is the one
     process's (codes equal but for summation-order ties) and fits the full-precision outputs
     better than plain GPTQ."""
     script = tmp_path / "solve.py"

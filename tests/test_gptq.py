@@ -96,6 +96,58 @@ def test_blocked_inverse_and_its_shares_give_the_cholesky_of_the_inverse(monkeyp
     assert ok3.item() and torch.allclose(U3, reference, rtol=0, atol=1e-10 * reference.abs().max())
 
 
+def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
+    """Hinv computed by three processes sharing the work (threads here, with a summing
+    collective as torch.distributed's all-reduce): the Cholesky split in halves (every
+    entry of each combined part from one process) and the blocked solve give every process
+    the one-process Hinv; the Schur complement's row blocks cover its lower triangle once
+    and are balanced."""
+    import threading
+
+    monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 64)
+    monkeypatch.setattr(solver, "CHOLESKY_SPLIT_FROM", 64)
+    n, parts = 201, 3
+    _, _, H = _problem(seed=4, in_f=n)
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    H = H.double()
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    K, info = solver.lower_cholesky(H)
+    assert info.item() == 0 and torch.allclose(K, torch.linalg.cholesky(H))
+
+    barrier, slots, overlaps = threading.Barrier(parts), [None] * parts, []
+
+    def combine(part):
+        def sum_over_processes(t):
+            assert t.is_contiguous()  # (a collective's buffer)
+            slots[part] = t.clone()
+            barrier.wait()
+            overlaps.append(int(torch.stack([s != 0 for s in slots]).sum(0).max()))
+            t.copy_(sum(slots))
+            barrier.wait()
+        return sum_over_processes
+
+    results = [None] * parts
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(
+        p, upper_cholesky_of_inverse(H.clone(), Shared(p, parts, combine(p))))) for p in range(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(overlaps) == 3 * parts and max(overlaps) == 1  # L21, S, K⁻¹: each entry from one process
+    for U, ok in results:
+        assert ok.item() and torch.allclose(U, reference, rtol=0, atol=1e-10 * reference.abs().max())
+    m = n - n // 2
+    covered = torch.zeros(m, m, dtype=torch.int64)
+    costs = []
+    for p in range(parts):
+        blocks = solver.schur_blocks(m, p, parts)
+        costs.append(sum((b - a) * b for a, b in blocks))
+        for a, b in blocks:
+            covered[a:b, :b] += 1
+    assert torch.equal(covered.tril(), torch.ones(m, m, dtype=torch.int64).tril())
+    assert max(costs) < 1.3 * min(costs)
+
+
 def test_failed_cholesky_raises_damp_and_logs(caplog):
     # A rank-deficient Hessian with a negative direction: plain damp 0.01 is not enough.
     v = torch.randn(16, 1)
