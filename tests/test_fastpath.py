@@ -86,6 +86,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # (19 s of the interpreter: in CI's full run, not in the quick set run while working)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton ships for Linux only")
 def test_triton_kernel_matches_the_pytorch_loop():
     import os
