@@ -148,6 +148,60 @@ def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
     assert max(costs) < 1.3 * min(costs)
 
 
+def test_inverse_in_the_hessians_memory_is_the_same_and_gives_back_what_fails(monkeypatch):
+    """consume: Hinv lands in H's own memory with the very bits of the plain path (whole,
+    blocked, and split over processes); an H that is not positive definite comes back as it
+    was, so that inverse_hessians' retry dampens the original (same Hinv and damps as
+    without consume, for a batch where one of three needs more dampening)."""
+    monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 64)
+    for n in (40, 200):  # one block, in place; column blocks
+        _, _, H = _problem(seed=5, in_f=n)
+        H.diagonal().add_(0.01 * H.diagonal().mean())
+        plain, ok = upper_cholesky_of_inverse(H.clone())
+        mine = H.clone()
+        U, ok2 = upper_cholesky_of_inverse(mine, consume=True)
+        assert ok.item() and ok2.item() and torch.equal(U, plain) and U.data_ptr() == mine.data_ptr()
+
+    bad = -torch.eye(30) + 0.01 * torch.ones(30, 30)
+    given = bad.clone()
+    _, ok = upper_cholesky_of_inverse(given, consume=True)
+    assert not ok.item() and torch.equal(given, bad)
+
+    Hs = []
+    for k in range(3):
+        _, X, _ = _problem(20 + k, in_f=64, n=256)
+        X = X[:24] if k == 1 else X  # rank-deficient
+        Hs.append(2 * X.T @ X / X.shape[0] - (0.05 * torch.eye(64) * (X**2).mean() if k == 1 else 0))
+    H = torch.stack(Hs)
+    Hinv, damps = inverse_hessians(H.clone(), 0.01)
+    Hinv2, damps2 = inverse_hessians(H.clone(), 0.01, consume=True)
+    assert damps2 == damps and damps[1] > damps[0] and torch.equal(Hinv2, Hinv)
+
+    monkeypatch.setattr(solver, "CHOLESKY_SPLIT_FROM", 64)  # split over two processes (threads), into H
+    import threading
+    _, _, H = _problem(seed=6, in_f=150)
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    reference = upper_cholesky_of_inverse(H.clone())[0]
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def combine(part):
+        def sum_over_processes(t):
+            slots[part] = t.clone()
+            barrier.wait()
+            t.copy_(slots[0] + slots[1])
+            barrier.wait()
+        return sum_over_processes
+
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(
+        p, upper_cholesky_of_inverse(H.clone(), Shared(p, 2, combine(p)), consume=True)[0])) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for U in results:
+        assert torch.allclose(U, reference, rtol=0, atol=1e-5 * reference.abs().max())
+
+
 def test_failed_cholesky_raises_damp_and_logs(caplog):
     # A rank-deficient Hessian with a negative direction: plain damp 0.01 is not enough.
     v = torch.randn(16, 1)
