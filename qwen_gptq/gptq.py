@@ -332,9 +332,10 @@ def upper_cholesky_of_inverse(H: torch.Tensor, shared: Shared | None = None,
     zero, and the sum over the processes is K⁻¹ (exactly: each entry is one process's);
     K itself is computed in shares too (lower_cholesky).
 
-    consume: H's memory holds K, then U (returned), so that two n² buffers are alive at
-    a time instead of three (H, a flipped copy or K⁻¹, K or U): 1.4 GB less at the peak of
-    a Qwen2.5-7B layer's down_proj inverse, 3.5 GB at 72B's. An H that is not positive
+    consume: H's memory holds K, then U (returned), instead of each getting its own
+    (scripts/bench_inverse_memory.py, CPU, n = 6144: the peak beyond H went from 3.77 to
+    2.02 times H's size; H is 1.4 GB at a Qwen2.5-7B down_proj's 18944 columns, 3.5 GB at
+    72B's 29568). An H that is not positive
     definite is given back as it was (from its flipped copy, kept until that is known), so
     that a retry can dampen it more.
     """
