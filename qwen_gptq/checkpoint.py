@@ -196,7 +196,7 @@ def read_many(wanted: list[tuple[TensorFile, str, int | None]]) -> list[torch.Te
         offset, size, dtype, shape = f.span(name, index)
         buf = torch.empty(size, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        jobs += [(f.path, offset + a, view[a:a + READ_CHUNK]) for a in range(0, size, READ_CHUNK)]
+        jobs += [(f.path, name, offset + a, view[a:a + READ_CHUNK]) for a in range(0, size, READ_CHUNK)]
         out.append(buf.view(dtype).reshape(shape))
     if len(jobs) <= 1 or READ_THREADS == 1:
         for job in jobs:
@@ -212,14 +212,14 @@ def _readers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(READ_THREADS, thread_name_prefix="qwen-gptq-read")
 
 
-def _read_chunk(path: Path, offset: int, into: memoryview) -> None:
+def _read_chunk(path: Path, name: str, offset: int, into: memoryview) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
         while done < len(into):
             n = os.preadv(fd, [into[done:]], offset + done)
             if n == 0:
-                raise BadInput(f"{path}: truncated (a tensor ends past the end of the file)")
+                raise BadInput(f"{path}: truncated (tensor {name})")
             done += n
     finally:
         os.close(fd)

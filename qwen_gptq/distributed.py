@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import BadInput
-from .gptq import CrossProducts, GPTQResult, Hessian, Shared
+from .gptq import CrossProducts, GPTQResult, Hessian, Shared, spread
 
 log = logging.getLogger("qwen_gptq")
 
@@ -332,15 +332,8 @@ def _rows(group: Group, rows: int) -> list[slice]:
 
 
 def _owners(group: Group, costs: list[int]) -> list[int]:
-    """Each item's rank: largest first, each to the least loaded rank so far (ties: the
-    lower index, the lower rank), so that every rank computes the same assignment."""
-    load = [0] * group.size
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(group.size), key=lambda r: (load[r], r))
-        load[r] += costs[i]
-        owners[i] = r
-    return owners
+    """Each item's rank, by cost (gptq.spread: the same assignment on every rank)."""
+    return spread(costs, group.size)
 
 
 def _joined(parts: list[GPTQResult]) -> GPTQResult:

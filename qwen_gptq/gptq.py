@@ -432,30 +432,35 @@ def lower_cholesky(M: torch.Tensor, shared: Shared | None = None,
 
 def schur_blocks(m: int, part: int, parts: int) -> list[tuple[int, int]]:
     """The row blocks (a, b) of an m×m Schur complement's lower triangle that process
-    `part` of `parts` computes (each costing (b - a)·b), balanced as inverse_blocks."""
+    `part` of `parts` computes (each costing (b - a)·b), balanced by spread."""
     count = SCHUR_BLOCKS * parts
     bounds = [round(k * m / count) for k in range(count + 1)]
-    load, mine = [0] * parts, []
-    for a, b in sorted(zip(bounds, bounds[1:]), key=lambda ab: -(ab[1] - ab[0]) * ab[1]):
-        r = min(range(parts), key=lambda r: (load[r], r))
-        load[r] += (b - a) * b
-        if r == part:
-            mine.append((a, b))
-    return sorted(mine)
+    blocks = list(zip(bounds, bounds[1:]))
+    owners = spread([(b - a) * b for a, b in blocks], parts)
+    return [ab for ab, r in zip(blocks, owners) if r == part]
 
 
 def inverse_blocks(n: int, part: int = 0, parts: int = 1) -> list[tuple[int, int]]:
-    """The column blocks (c0, c1) of K⁻¹ that process `part` of `parts` solves: the same
-    assignment everywhere, each block (costing (n - c0)² (c1 - c0)) to the least loaded."""
+    """The column blocks (c0, c1) of K⁻¹ that process `part` of `parts` solves (each
+    costing (n - c0)² (c1 - c0)), balanced by spread."""
     count = 1 if n < INVERSE_BLOCKS_FROM else INVERSE_BLOCKS * parts
     bounds = [round(k * n / count) for k in range(count + 1)]
-    load, mine = [0] * parts, []
-    for c0, c1 in zip(bounds, bounds[1:]):  # (in decreasing cost)
+    blocks = list(zip(bounds, bounds[1:]))
+    owners = spread([(n - c0) ** 2 * (c1 - c0) for c0, c1 in blocks], parts)
+    return [c for c, r in zip(blocks, owners) if r == part]
+
+
+def spread(costs: list[int], parts: int) -> list[int]:
+    """Each item's part (of `parts`): largest first, each to the least loaded part so far
+    (ties: the lower index, the lower part), so that every process computes the same
+    assignment. (distributed spreads problems over ranks by it too.)"""
+    load = [0] * parts
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(parts), key=lambda r: (load[r], r))
-        load[r] += (n - c0) ** 2 * (c1 - c0)
-        if r == part:
-            mine.append((c0, c1))
-    return mine
+        load[r] += costs[i]
+        owners[i] = r
+    return owners
 
 
 def block_size(group_size: int, columns: int, blocksize: int = 128) -> int:
