@@ -20,14 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qwen_gptq import runtime  # noqa: E402
 from qwen_gptq.gptq import upper_cholesky_of_inverse  # noqa: E402
-
-
-def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def hessian(n: int, device: str) -> torch.Tensor:
@@ -42,10 +36,10 @@ def worker(n: int, consume: bool) -> None:
     H = hessian(n, "cpu")
     upper_cholesky_of_inverse(hessian(64, "cpu"), consume=consume)  # (libraries' own buffers, first use)
     Path("/proc/self/clear_refs").write_text("5\n")  # (VmHWM restarts from here: building H peaked higher)
-    before = status_kb("VmRSS")
+    before = runtime.host_bytes()
     U, ok = upper_cholesky_of_inverse(H, consume=consume)
     assert ok.item()
-    print(json.dumps({"extra": status_kb("VmHWM") - before}))
+    print(json.dumps({"extra": runtime.peak_host_bytes() - before}))
 
 
 def main():
