@@ -94,18 +94,27 @@ class CholeskyFailed(RuntimeError):
 class Hessian:
     """H = 2/n · XᵀX of one Linear's n input rows, accumulated in float32.
 
-    XᵀX is symmetric: with X = [A B] split by columns, only AᵀA, AᵀB and BᵀB are
-    computed and BᵀA is mirrored at the end, a quarter fewer FLOPs. Small batches are
-    gathered into chunks of at least CHUNK rows first, where matrix products run faster.
+    XᵀX is symmetric: with X's columns split into k blocks, only the products of block a
+    with block b ≥ a are computed and the rest mirrored at the end: (k + 1) / 2k of the
+    FLOPs (k = 2: 3/4; k = 4: 5/8). Small batches are gathered into chunks of at least
+    CHUNK rows first, where matrix products run faster.
     """
 
     CHUNK = 2048  # rows per product
-    SPLIT_FROM = 1024  # split into symmetric blocks from this many columns on
-    SPLIT_ALIGN = 64  # the split point is a multiple of this
+    SPLITS = ((1024, 2), (8192, 4))  # from this many columns on, split into this many blocks (CPU)
+    # On CUDA a block's product has the very bits of the whole's, and fewer FLOPs pay only
+    # for large products (H200, 2048 rows: 3584 columns whole 0.099 ms, in 2 blocks
+    # 0.121 ms; 18944 columns whole 2.49, 2 blocks 1.99, 4 blocks 1.79 ms;
+    # scripts/bench_hessian.py, docs/benchmarks.md)
+    SPLITS_CUDA = ((8192, 4),)
+    SPLIT_ALIGN = 64  # the split points are multiples of this
 
     def __init__(self, n: int, device: torch.device):
         self.H = torch.zeros(n, n, device=device, dtype=torch.float32)
-        self.h = n // 2 // self.SPLIT_ALIGN * self.SPLIT_ALIGN if n >= self.SPLIT_FROM else 0  # 0: no split
+        splits = self.SPLITS_CUDA if torch.device(device).type == "cuda" else self.SPLITS
+        k = max([parts for least, parts in splits if n >= least], default=1)
+        cuts = sorted({n * a // k // self.SPLIT_ALIGN * self.SPLIT_ALIGN for a in range(1, k)} - {0})
+        self.blocks = [slice(a, b) for a, b in zip([0] + cuts, cuts + [n])]  # one: no split
         self.count = 0
         self.buf: torch.Tensor | None = None  # rows waiting to be multiplied, copied here
         self.rows = 0
@@ -130,20 +139,17 @@ class Hessian:
             self.rows = 0
 
     def _product(self, x: torch.Tensor) -> None:
-        h, H = self.h, self.H
-        if not h:
-            fastpath.hessian_addmm(H, x, x)
-            return
-        a, b = x[:, :h], x[:, h:]
-        fastpath.hessian_addmm(H[:h, :h], a, a)
-        fastpath.hessian_addmm(H[:h, h:], a, b)
-        fastpath.hessian_addmm(H[h:, h:], b, b)
+        # (one block: the whole product; a column slice of x is a view, no copy)
+        for a, ra in enumerate(self.blocks):
+            for rb in self.blocks[a:]:
+                fastpath.hessian_addmm(self.H[ra, rb], x[:, ra], x[:, rb])
 
     def products(self) -> torch.Tensor:
         """XᵀX, unscaled (to be summed over processes), in the accumulator's memory: call once."""
         self._flush()
-        if self.h:
-            self.H[self.h:, :self.h].copy_(self.H[:self.h, self.h:].T)
+        for a, ra in enumerate(self.blocks):
+            for rb in self.blocks[a + 1:]:
+                self.H[rb, ra].copy_(self.H[ra, rb].T)
         return self.H
 
     def finish(self) -> torch.Tensor:

@@ -14,11 +14,14 @@ from qwen_gptq.pipeline import Plan, quantize_model
 from .conftest import CALIB, TINY
 
 
-def test_hessian_in_chunks_and_symmetric_blocks_equals_2_over_n_xtx():
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_hessian_in_chunks_and_symmetric_blocks_equals_2_over_n_xtx(monkeypatch, blocks):
     g = torch.Generator().manual_seed(0)
-    n = 1152  # large enough to be split into blocks
+    n = 1152
+    monkeypatch.setattr(Hessian, "SPLITS", ((1024, blocks),))
     parts = [torch.randn(r, n, generator=g) for r in (100, 3000, 7, 1900, 64)]
     acc = Hessian(n, torch.device("cpu"))
+    assert len(acc.blocks) == blocks and acc.blocks[-1].stop == n
     for x in parts:
         acc.add(x)
     X = torch.cat(parts).double()
