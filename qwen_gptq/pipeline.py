@@ -108,8 +108,8 @@ class _Run:
         """Note the GPU's peak without memoized outputs (what later layers' budgets leave room for)."""
         if self.forwards is not None:
             self.memo_most = max(self.memo_most, self.forwards.most)
-        if self.plan.device.type == "cuda":
-            self.needed = runtime.peak_gpu_bytes(self.plan.device) - self.memo_most
+        if self.plan.device.type == "cuda":  # (never less than an earlier layer showed)
+            self.needed = max(self.needed or 0, runtime.peak_gpu_bytes(self.plan.device) - self.memo_most)
 
     def kept(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """A batch's new hidden states, where the old ones were kept."""
@@ -396,6 +396,16 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
     _leave(run, layer, start)
 
 
+def _say_memory(run: _Run, i: int, after: str) -> None:
+    """--verbose: the GPU's peak so far and the memoized outputs held, after a step (the
+    step where the peak grows is what the run's memory needs)."""
+    if run.plan.device.type == "cuda" and log.isEnabledFor(logging.DEBUG):
+        held = run.forwards.held if run.forwards is not None else 0
+        log.debug("layer %d after %s: GPU peak %.2f GB, now %.2f GB, memoized %.2f GB of a budget of %.2f GB", i, after,
+                  runtime.peak_gpu_bytes(run.plan.device) / 1e9, torch.cuda.memory_allocated(run.plan.device) / 1e9,
+                  held / 1e9, run.forwards.budget / 1e9 if run.forwards is not None else 0)
+
+
 def _save_layer(run: _Run, i: int, layer: nn.Module) -> None:
     """Once its packed tensors are on the host, write layer i's output tensors into the
     work directory: the packed Linears and the rest of the layer (in the model's dtype)."""
@@ -421,16 +431,18 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     if not run.plan.true_sequential:
         groups = [[n for g in groups for n in g]]
     fp_layer = copy.deepcopy(layer) if run.fp_hidden is not None else None  # GPTAQ's reference
-    forwards = run.forwards = LayerForwards(layer, groups, run.memo_budget())
+    forwards = run.forwards = LayerForwards(layer, groups, run.memo_budget(), len(run.inputs))
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
             done: set[str] = set()  # solved and written back (a retry leaves them)
 
-            def step(modules=modules, done=done):  # (run now, within this iteration)
+            def step(modules=modules, done=done, first=names[0]):  # (run now, within this iteration)
                 rtn_only = run.plan.cfg.method == "rtn"
                 measured = _GroupInputs(modules) if rtn_only else _measure(run, i, layer, forwards, modules, fp_layer)
+                _say_memory(run, i, f"measuring {first}…")
                 _solve(run, i, modules, measured, done)
+                _say_memory(run, i, f"solving {first}…")
 
             _retrying(run, i, f"quantizing {', '.join(names)}", step)
             forwards.quantized(names)
@@ -439,6 +451,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             if fp_layer is not None:
                 _forward_full_precision(run, i, fp_layer)
             _forward_all(run, i, layer, forwards)
+        _say_memory(run, i, "the forward")
     finally:
         forwards.remove()
         run.layer_done()

@@ -610,9 +610,15 @@ class LayerForwards:
       it instead of recomputing it. An output the model modified in place (its version
       counter moved) is recomputed, never reused.
     Each Linear's product then runs once per layer instead of once per pass.
+
+    A module's outputs are kept for every batch or for none: at its first output the
+    whole (that output's size times the batches) must fit in the budget, counting what its
+    parts' outputs free. Under a tight budget (--max-gpu-memory) a few batches of a large
+    output save little and hold memory through the solves that follow, while the outputs
+    that replace their parts (self_attn's) fit and save a whole pass of recomputation.
     """
 
-    def __init__(self, layer: nn.Module, groups: list[list[str]], budget: int):
+    def __init__(self, layer: nn.Module, groups: list[list[str]], budget: int, batches: int = 1):
         quantized = [n for g in groups for n in g]
         units = dict.fromkeys(quantized)
         for n in quantized:  # the modules containing a quantized Linear, within the layer
@@ -625,11 +631,22 @@ class LayerForwards:
         self._batch = 0
         self._storing = budget > 0
         self._budget, self._used = budget, 0
+        self._batches = batches
+        self._admitted: dict[str, bool] = {}  # unit -> whether its outputs are kept (decided at its first)
         self.most = 0  # the most memory memoized outputs held at once
         self._store: dict = {}
         self._modules = {u: layer.get_submodule(u) for u in units}
         for u, m in self._modules.items():
             m.forward = self._wrap(u, m, m.forward)
+
+    @property
+    def held(self) -> int:
+        """The memory memoized outputs hold now."""
+        return self._used
+
+    @property
+    def budget(self) -> int:
+        return self._budget
 
     def batch(self, j: int) -> None:
         """The forwards that follow are for calibration batch j."""
@@ -687,6 +704,11 @@ class LayerForwards:
         # very tensor it returns): they make room for it.
         parts = [(n, self._batch) for n in self._inside[name] if n != name and (n, self._batch) in self._store]
         size = _nbytes(y)
+        if name not in self._admitted:
+            freed = sum(_nbytes(v[0]) for (n, _), v in self._store.items() if n != name and n in self._inside[name])
+            self._admitted[name] = self._used - freed + size * self._batches <= self._budget
+        if not self._admitted[name]:
+            return
         if self._used - sum(_nbytes(self._store[k][0]) for k in parts) + size > self._budget:
             return
         for k in parts:

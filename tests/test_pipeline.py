@@ -187,3 +187,25 @@ def test_a_modules_output_replaces_its_parts_within_the_memo_budget():
     forwards._keep("self_attn", ("self_attn", 0), (y, None))
     assert list(forwards._store) == [("self_attn", 0)] and forwards.most == 4000
     forwards.remove()
+
+
+def test_a_modules_outputs_are_memoized_for_every_batch_or_for_none():
+    """Under a budget, a module whose outputs for all batches do not fit keeps none (a few
+    batches of a large output save little and hold memory through the solves), while one
+    whose outputs replace its parts' is admitted on what those free."""
+    from qwen_gptq.families import layer_groups
+    from qwen_gptq.runtime import LayerForwards
+
+    layer = _two_layer_tiny().model.layers[0]
+    forwards = LayerForwards(layer, layer_groups(layer, family_for("qwen2")), 5000, batches=4)
+    for j in range(4):  # 4 × 1000 bytes: fits
+        forwards.batch(j)
+        forwards._keep("self_attn.o_proj", ("self_attn.o_proj", j), torch.zeros(250))
+    forwards.batch(0)
+    forwards._keep("mlp.gate_proj", ("mlp.gate_proj", 0), torch.zeros(250))  # 4000 more would pass 5000
+    assert ("mlp.gate_proj", 0) not in forwards._store and forwards.held == 4000
+    for j in range(4):  # each replaces o_proj's entry of its batch
+        forwards.batch(j)
+        forwards._keep("self_attn", ("self_attn", j), (torch.zeros(250), None))
+    assert sorted(forwards._store) == [("self_attn", j) for j in range(4)] and forwards.held == 4000
+    forwards.remove()
