@@ -263,15 +263,24 @@ class Calibration:
         return sum(b.tokens for b in self.batches)
 
 
-AUTO_BATCH_TOKENS = 8192  # --batch-size auto: samples of one length together, up to this many tokens a pass
+AUTO_BATCH_TOKENS = 8192  # --batch-size auto: samples of one length together, up to this many tokens a pass ...
+AUTO_BATCH_TOKENS_MOE = 32768  # ... for MoE models: every pass launches a few kernels per expert
 
 
-def make_batches(samples: list[torch.Tensor], batch_size: int | None, pad_id: int) -> list[TokenBatch]:
+def auto_batch_tokens(moe: bool) -> int:
+    """--batch-size auto's tokens a pass. Fewer, larger passes cost less per token where
+    the host's launches bound a pass: on an H200 a Qwen3-30B-A3B-shaped MoE layer (128
+    experts) took 5.2-6.5 s one 2048-token sample a pass and 3.5-4.6 s four at a time
+    (docs/benchmarks.md). A dense layer's passes are bound by the GPU: their Hessians are
+    accumulated a sample at a time whatever the batch (the same bits as --batch-size 1)."""
+    return AUTO_BATCH_TOKENS_MOE if moe else AUTO_BATCH_TOKENS
+
+
+def make_batches(samples: list[torch.Tensor], batch_size: int | None, pad_id: int,
+                 auto_tokens: int = AUTO_BATCH_TOKENS) -> list[TokenBatch]:
     """Group samples (longest first, to waste little padding) into right-padded batches of
     batch_size; None (auto): samples of the same length together (nothing padded), up to
-    AUTO_BATCH_TOKENS tokens a batch. Fewer, larger passes cost less per token: on an H200
-    a Qwen3-30B-A3B-shaped MoE layer took 5.2-6.5 s one sample at a time and 3.5-4.6 s four
-    at a time (docs/benchmarks.md)."""
+    auto_tokens tokens a batch."""
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
     chunks: list[list[int]] = []
     for i in order:
@@ -280,7 +289,7 @@ def make_batches(samples: list[torch.Tensor], batch_size: int | None, pad_id: in
             fits = last is not None and len(last) < batch_size
         else:
             n = len(samples[i])
-            fits = last is not None and len(samples[last[0]]) == n and (len(last) + 1) * n <= AUTO_BATCH_TOKENS
+            fits = last is not None and len(samples[last[0]]) == n and (len(last) + 1) * n <= auto_tokens
         if fits:
             last.append(i)
         else:
@@ -299,7 +308,8 @@ def make_batches(samples: list[torch.Tensor], batch_size: int | None, pad_id: in
     return batches
 
 
-def calibration(samples: list[Sample], tokenizer: Tokenizer, max_len: int, batch_size: int | None) -> Calibration:
+def calibration(samples: list[Sample], tokenizer: Tokenizer, max_len: int, batch_size: int | None,
+                auto_tokens: int = AUTO_BATCH_TOKENS) -> Calibration:
     """The token batches of the selected samples."""
     ids = tokenize_samples(samples, tokenizer, max_len)
-    return Calibration(make_batches(ids, batch_size, pad_token_id(tokenizer)), len(ids))
+    return Calibration(make_batches(ids, batch_size, pad_token_id(tokenizer), auto_tokens), len(ids))

@@ -86,7 +86,7 @@ class QuantizeOptions:
                               None, metavar="N")
     batch_size: str = option("calibration samples per forward pass: N (padded to the longest; the padding is "
                              "masked out), or auto: samples of one length together, up to 8192 tokens a pass "
-                             "(nothing padded)", "auto", metavar="N|auto")
+                             "(32768 for MoE models; nothing padded)", "auto", metavar="N|auto")
     seed: int | None = option("shuffle the samples with this seed before --num-samples", None, metavar="S")
     trust_remote_code: bool = option("allow the model's own code to run (Qwen1)", False)
     overwrite: bool = option("replace a non-empty --out_path (and start over instead of resuming)", False)

@@ -217,7 +217,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     shaped, weights = _pad(o, c, layers, weights)
     check_packable(shaped, family, o.quant)
     warn_if_not_servable(shaped, family, o, c.src_config)
-    calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_samples)
+    calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_samples, calib.auto_batch_tokens(family.moe))
     samples, tokens = calibration.samples, calibration.tokens
     log.info(
         "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens%s",

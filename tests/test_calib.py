@@ -103,19 +103,22 @@ def test_missing_file(tmp_path):
         read_samples(tmp_path / "nope.json")
 
 
-def test_auto_batches_put_samples_of_one_length_together_unpadded(monkeypatch):
-    """--batch-size auto: equal lengths share a pass, up to AUTO_BATCH_TOKENS tokens; nothing
-    is padded (the passes compute what one sample at a time computes). A number pads."""
+def test_auto_batches_put_samples_of_one_length_together_unpadded():
+    """--batch-size auto: equal lengths share a pass, up to a number of tokens (4× more for
+    MoE models); nothing is padded (the passes compute what one sample at a time
+    computes). A number pads."""
     import torch
 
     from qwen_gptq import calib
 
-    monkeypatch.setattr(calib, "AUTO_BATCH_TOKENS", 12)
     samples = [torch.arange(n) for n in (4, 3, 4, 7, 4, 4, 3)]
-    auto = calib.make_batches(samples, None, pad_id=0)
+    auto = calib.make_batches(samples, None, pad_id=0, auto_tokens=12)
     assert [tuple(b.input_ids.shape) for b in auto] == [(1, 7), (3, 4), (1, 4), (2, 3)]
     assert all(b.attention_mask is None and b.valid is None for b in auto)
     assert sum(b.tokens for b in auto) == sum(len(s) for s in samples)
     padded = calib.make_batches(samples, 4, pad_id=0)
     assert [tuple(b.input_ids.shape) for b in padded] == [(4, 7), (3, 4)]
     assert padded[0].valid is not None and sum(b.tokens for b in padded) == sum(len(s) for s in samples)
+    long = [torch.arange(2048)] * 128
+    dense, moe = (calib.make_batches(long, None, 0, calib.auto_batch_tokens(m)) for m in (False, True))
+    assert [len(b.input_ids) for b in dense] == [4] * 32 and [len(b.input_ids) for b in moe] == [16] * 8
