@@ -11,12 +11,15 @@ batch size 1). GPTQModel first runs once untimed on two short samples, so that i
 one-time kernel compilation is not counted. GPTQModel loads the model in float32 by
 default here, its fastest on a CPU (--gptqmodel-dtype bfloat16 is what it picks by itself
 for a bf16 checkpoint, and much slower). With --repeat N each tool runs N times
-(alternating) and the median is reported. Needs the `gptqmodel` extra.
+(alternating) and the median is reported. Every run writes into an empty output path (the
+previous run's output is deleted first, outside the timing: replacing an existing output
+with --overwrite adds its deletion, 1.5 s for a 7B shape's 5.5 GB). Needs the `gptqmodel` extra.
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +41,9 @@ def gptqmodel_worker(ids_file, model, out, bits, group_size, dtype):
     m.save(out)
 
 
-def timed(cmd, env=None, stdout=None) -> float:
+def timed(cmd, env=None, stdout=None, out_dir=None) -> float:
+    if out_dir is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
     t = time.perf_counter()
     with open(stdout, "w") if stdout else open(os.devnull, "w") as out:
         r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.PIPE, text=True)
@@ -98,13 +103,16 @@ def main():
             name = f"qwen-gptq{flags}".rstrip()
             if a.peaks:
                 report = tmp / "ours.json"
-                times.setdefault(name, []).append(timed(ours + ["--json"] + flags.split(), env, report))
+                times.setdefault(name, []).append(timed(ours + ["--json"] + flags.split(), env, report, tmp / "ours"))
                 r = json.loads(report.read_text())
+                later = r.get("layer_seconds", [])[1:] or [0]
                 peaks.setdefault(name, []).append({"host_gb": round(r["peak_host_bytes"] / 1e9, 2),
-                                                   "gpu_gb": round(r["peak_gpu_bytes"] / 1e9, 2)})
+                                                   "gpu_gb": round(r["peak_gpu_bytes"] / 1e9, 2),
+                                                   "later_layers_s": [round(min(later), 2), round(max(later), 2)],
+                                                   "timings_s": {k: round(v, 2) for k, v in r["timings"].items()}})
             else:
-                times.setdefault(name, []).append(timed(ours + flags.split(), env))
-        times.setdefault("gptqmodel", []).append(timed(theirs, env))
+                times.setdefault(name, []).append(timed(ours + flags.split(), env, None, tmp / "ours"))
+        times.setdefault("gptqmodel", []).append(timed(theirs, env, None, tmp / "theirs"))
     med = {k: statistics.median(v) for k, v in times.items()}
     import gptqmodel
     import torch
