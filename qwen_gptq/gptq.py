@@ -103,10 +103,10 @@ class Hessian:
     CHUNK = 2048  # rows per product
     SPLITS = ((1024, 2), (8192, 4))  # from this many columns on, split into this many blocks (CPU)
     # On CUDA a block's product has the very bits of the whole's, and fewer FLOPs pay only
-    # for large products (H200, 2048 rows: 3584 columns whole 0.099 ms, in 2 blocks
-    # 0.121 ms; 18944 columns whole 2.49, 2 blocks 1.99, 4 blocks 1.79 ms;
-    # scripts/bench_hessian.py, docs/benchmarks.md)
-    SPLITS_CUDA = ((8192, 4),)
+    # for large products (H200, ms per 2048-row bf16 sample, whole / 2 blocks / 4 blocks:
+    # 3584 columns 0.099 / 0.121 / 0.355, 5120 0.201 / 0.186 / 0.369, 8192 0.469 / 0.385 /
+    # 0.365, 18944 2.49 / 1.99 / 1.79; scripts/bench_hessian.py, docs/benchmarks.md)
+    SPLITS_CUDA = ((5120, 2), (8192, 4))
     SPLIT_ALIGN = 64  # the split points are multiples of this
 
     def __init__(self, n: int, device: torch.device):
