@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -34,3 +36,41 @@ def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path
     assert s["gaps_ms"] == 5.0 and s["largest_gaps"][0]["launched_from"] == "aten::mm > aten::cat"
     assert s["main_thread_held_by_other_threads_copies_ms"] == 3.0
     assert s["nccl_ms"] == 1.0 and s["busy_s"] == {"7": 0.003} and s["span_s"] == 0.01
+
+
+@pytest.mark.slow  # (two interpreters importing torch: 6 s)
+def test_make_deep_copy_repeats_layer_zero_and_refuses_a_deeper_source(tmp_path):
+    """scripts/make_deep_copy.py: a 1-layer model becomes 3 layers, each with layer 0's very
+    bytes, the config saying 3; a model of more than one layer is refused."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .conftest import TINY
+
+    src = tmp_path / "one"
+    src.mkdir()
+    config = json.loads((ROOT / TINY / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(config))
+    kept = {}
+    for shard in sorted((ROOT / TINY).glob("*.safetensors")):  # (the example is sharded)
+        with safe_open(str(shard), "pt") as f:
+            kept.update({k: f.get_tensor(k) for k in f.keys()
+                         if not k.startswith("model.layers.") or k.startswith("model.layers.0.")})
+    save_file(kept, str(src / "model.safetensors"), metadata={"format": "pt"})
+    script = str(ROOT / "scripts" / "make_deep_copy.py")
+    r = subprocess.run([sys.executable, script, str(src), str(tmp_path / "three"), "3"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["num_hidden_layers"] == 3
+    with safe_open(str(tmp_path / "three" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        for k, t in kept.items():
+            copies = [k.replace(".0.", f".{i}.", 1) for i in range(3)] if k.startswith("model.layers.0.") else [k]
+            for c in copies:
+                assert torch.equal(f.get_tensor(c), t), c
+    assert len(names) == len(kept) + 2 * sum(k.startswith("model.layers.0.") for k in kept)
+    r = subprocess.run([sys.executable, script, TINY, str(tmp_path / "x"), "3"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "expected a 1-layer model" in r.stderr and not (tmp_path / "x").exists()
