@@ -125,8 +125,10 @@ def run(o: QuantizeOptions) -> dict:
 
 def _run_checked(o: QuantizeOptions, c: _Checked, started: float) -> dict:
     out, ranks = Path(o.out_path), c.ranks
-    print_ = resume.fingerprint(c.model_dir, o.data_path,
-                                {**o.fingerprint_settings(c.device.type), "processes": ranks.size})
+    # (--batch-size auto's tokens a pass, which decide how an MoE layer's rows are summed)
+    auto_tokens = calib.auto_batch_tokens(c.family.moe) if o.batch_samples is None else None
+    print_ = resume.fingerprint(c.model_dir, o.data_path, {**o.fingerprint_settings(c.device.type),
+                                                           "processes": ranks.size, "auto_batch_tokens": auto_tokens})
     if ranks.main:
         work = resume.WorkDir.open(out, print_, o.resume and not o.overwrite, o.save_dtype)
     distributed.barrier(ranks)

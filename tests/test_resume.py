@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from qwen_gptq import resume
+from qwen_gptq import calib, resume
 
 from .conftest import CALIB, TINY, cli
 
@@ -153,6 +153,10 @@ def test_stale_work_is_refused_and_no_resume_starts_over(tmp_path, monkeypatch):
     other.write_text(json.dumps(json.loads(open(CALIB).read())[::-1]))
     r = cli("quantize", *small[:2], "--data_path", other, *small[4:])
     assert r.returncode == 2 and "data" in r.stderr
+    monkeypatch.setattr(calib, "AUTO_BATCH_TOKENS", 4096)  # a version of the tool with other auto batches
+    r = cli("quantize", *small)
+    assert r.returncode == 2 and "settings" in r.stderr
+    monkeypatch.undo()
     assert (work / "layer-00000.safetensors").is_file()  # refused, not touched
 
     r = cli("quantize", *small, "--bits", "8", "--no-resume", "--json")
