@@ -270,8 +270,8 @@ AUTO_BATCH_TOKENS_MOE = 32768  # ... for MoE models: every pass launches a few k
 def auto_batch_tokens(moe: bool) -> int:
     """--batch-size auto's tokens a pass. Fewer, larger passes cost less per token where
     the host's launches bound a pass: on an H200 a Qwen3-30B-A3B-shaped MoE layer (128
-    experts) took 5.2-6.5 s one 2048-token sample a pass and 3.5-4.6 s four at a time
-    (docs/benchmarks.md). A dense layer's passes are bound by the GPU: their Hessians are
+    experts) took 5.2-6.5 s one 2048-token sample a pass, 2.6-3.7 s four at a time and
+    1.2-1.5 s sixteen (docs/benchmarks.md). A dense layer's passes are bound by the GPU: their Hessians are
     accumulated a sample at a time whatever the batch (the same bits as --batch-size 1)."""
     return AUTO_BATCH_TOKENS_MOE if moe else AUTO_BATCH_TOKENS
 
