@@ -125,8 +125,7 @@ def run(o: QuantizeOptions) -> dict:
 
 def _run_checked(o: QuantizeOptions, c: _Checked, started: float) -> dict:
     out, ranks = Path(o.out_path), c.ranks
-    # (--batch-size auto's tokens a pass, which decide how an MoE layer's rows are summed)
-    auto_tokens = calib.auto_batch_tokens(c.family.moe) if o.batch_samples is None else None
+    auto_tokens = c.auto_batch_tokens if o.batch_samples is None else None
     print_ = resume.fingerprint(c.model_dir, o.data_path, {**o.fingerprint_settings(c.device.type),
                                                            "processes": ranks.size, "auto_batch_tokens": auto_tokens})
     if ranks.main:
@@ -163,6 +162,12 @@ class _Checked:
     device: torch.device
     samples: list[calib.Sample]
     ranks: distributed.Group
+
+    @property
+    def auto_batch_tokens(self) -> int:
+        """--batch-size auto's tokens a pass for this model (the fingerprint holds it too: it
+        decides how an MoE layer's rows are summed)."""
+        return calib.auto_batch_tokens(self.family.moe)
 
 
 def _load(o: QuantizeOptions, c: _Checked) -> tuple[nn.Module, Tokenizer, runtime.Weights]:
@@ -219,7 +224,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     shaped, weights = _pad(o, c, layers, weights)
     check_packable(shaped, family, o.quant)
     warn_if_not_servable(shaped, family, o, c.src_config)
-    calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_samples, calib.auto_batch_tokens(family.moe))
+    calibration = calib.calibration(c.samples, tokenizer, o.max_len, o.batch_samples, c.auto_batch_tokens)
     samples, tokens = calibration.samples, calibration.tokens
     log.info(
         "quantizing %s (%s, %d layers) to %d-bit, group %d on %s with %d samples, %d tokens%s",
