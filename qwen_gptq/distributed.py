@@ -16,8 +16,9 @@ Then each result is broadcast from its solver, so that every rank continues with
 same quantized weights. Rank 0 alone writes (work directory, output). Per layer the
 ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
 Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
-quantized weights (one byte per weight for the codes plus the weights in float32),
-nothing else: activations never leave their rank.
+quantized weights (one byte per weight for the codes, plus a scale and zero point per
+group and row: the receivers rebuild the weights from them), nothing else: activations
+never leave their rank.
 
 One process (no torchrun) is a group of one, and every function here is then local.
 """
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import BadInput
-from .gptq import CrossProducts, GPTQResult, Hessian, Shared, spread
+from .gptq import CrossProducts, GPTQResult, Hessian, Shared, dequantized, spread
 
 log = logging.getLogger("qwen_gptq")
 
@@ -345,13 +346,15 @@ def _joined(parts: list[GPTQResult]) -> GPTQResult:
         damp=max(p.damp for p in parts))
 
 
-_RESULT_TENSORS = ("Q", "scale", "zero", "g_idx", "weight", "losses")
+_RESULT_TENSORS = ("Q", "scale", "zero", "g_idx", "losses")  # (the weight is rebuilt from the first four)
 
 
 def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQResult] | None,
                device: torch.device, count: int = 1) -> list[GPTQResult]:
     """`src`'s results for `count` problems of W's shape [rows, columns], on every rank: one
-    header (the group count and each damp), then each of the results' tensors stacked."""
+    header (the group count and each damp), then each of the results' tensors stacked but
+    the weight, which the other ranks rebuild from the codes (gptq.dequantized: the very
+    bits; a fifth of the bytes a float32 weight would take to send)."""
     rows, columns = shape
     header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
                           dtype=torch.float64, device=device)
@@ -365,8 +368,11 @@ def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQRe
                    "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
                    "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
                    "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
-                   "weight": torch.empty(count, rows, columns, dtype=torch.float32, device=device),
                    "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
     for name in _RESULT_TENSORS:
         dist.broadcast(stacked[name], src)
-    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, damp=damps[k]) for k in range(count)]
+    if mine:
+        return mine
+    weights = dequantized(stacked["Q"], stacked["scale"], stacked["zero"], stacked["g_idx"])
+    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, weight=weights[k], damp=damps[k])
+            for k in range(count)]

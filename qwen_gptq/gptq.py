@@ -266,6 +266,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
+def dequantized(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [..., rows, columns] that codes Q (any dtype), scale and zero
+    [..., groups, rows] and g_idx [..., columns] stand for: a GPTQResult's weight, to the
+    bit (gptq_batch computes it here), so that it can be rebuilt instead of sent."""
+    by_column = g_idx.long()[..., None].expand(*g_idx.shape, Q.shape[-2])
+    return dequantize(Q.float(), scale.gather(-2, by_column).mT, zero.float().gather(-2, by_column).mT)
+
+
 # --------------------------------------------------------------------------- GPTQ
 
 
@@ -655,8 +663,7 @@ def gptq_batch(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: 
         invperm = torch.argsort(perm, dim=-1)
         Q = Q.gather(2, invperm[:, None, :].expand_as(Q))
         g_idx = g_perm.gather(1, invperm)
-    by_column = g_idx.long()[..., None].expand(B, columns, rows)
-    weight = dequantize(Q, scale_t.gather(1, by_column).mT, zero_t.gather(1, by_column).mT)
+    weight = dequantized(Q, scale_t, zero_t, g_idx)
     Q, zero_t, losses = Q.to(torch.uint8), zero_t.to(torch.int32), Losses.sum(dim=-1)
     return [GPTQResult(Q=Q[k], scale=scale_t[k], zero=zero_t[k], g_idx=g_idx[k], weight=weight[k], losses=losses[k],
                        damp=damps[k]) for k in range(B)]

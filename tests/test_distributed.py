@@ -142,7 +142,11 @@ for label, chosen in (("owners", [0, 1, 2]), ("split", [0])):  # 3 problems: own
                                                   cross=True)]
     plain = [gptq(Ws[k], 2 * Xq.T @ Xq / n, cfg) for k in chosen]
     err = lambda k, Wq: ((Xq @ Wq.T - X @ Ws[k].T) ** 2).mean().item()
+    w = torch.cat([r.weight.flatten() for r in spread])  # (a solver's own, or rebuilt from what it sent)
+    every = [torch.empty_like(w) for _ in range(group.size)]
+    torch.distributed.all_gather(every, w)
     report[label] = {
+        "ranks_agree": all(torch.equal(every[0], x) for x in every),
         "same_codes": min((a.Q == b.Q).float().mean().item() for a, b in zip(spread, local)),
         "err_spread": sum(err(k, r.weight) for k, r in zip(chosen, spread)),
         "err_local": sum(err(k, r.weight) for k, r in zip(chosen, local)),
@@ -158,8 +162,8 @@ distributed.finish(together=True)
 def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     """GPTAQ across 2 processes (gloo): each rank accumulates H and D over its half of the
     rows; spread over owners or split by rows (Hinv's Cholesky and solve shared), the result is the one
-    process's (codes equal but for summation-order ties) and fits the full-precision outputs
-    better than plain GPTQ."""
+    process's (codes equal but for summation-order ties), the same weights on every rank, and
+    fits the full-precision outputs better than plain GPTQ."""
     script = tmp_path / "solve.py"
     script.write_text(SOLVE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -168,6 +172,7 @@ def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     for label, fig in report.items():
+        assert fig["ranks_agree"], (label, fig)  # every rank continues with the same weights
         assert fig["same_codes"] > 0.99, (label, fig)
         assert abs(fig["err_spread"] / fig["err_local"] - 1) < 0.01, (label, fig)
         assert fig["err_spread"] < 0.95 * fig["err_plain"], (label, fig)

@@ -9,6 +9,7 @@ from qwen_gptq.gptq import (
     CholeskyFailed,
     QuantConfig,
     Shared,
+    dequantized,
     find_params,
     gptq,
     gptq_batch,
@@ -242,6 +243,23 @@ def test_a_batch_solves_each_problem_as_it_would_alone(settings):
         for field in ("Q", "scale", "zero", "g_idx", "weight", "losses"):
             assert torch.equal(getattr(res, field), getattr(alone, field)), (k, field)
         assert res.damp == alone.damp
+
+
+@pytest.mark.parametrize("settings", [
+    dict(bits=4, group_size=128), dict(bits=3, group_size=32, sym=False, min_zero=MIN_ZERO),
+    dict(bits=4, group_size=64, desc_act=True), dict(bits=4, group_size=64, desc_act=True, static_groups=True),
+    dict(bits=8, group_size=-1), dict(bits=4, group_size=64, act_group_aware=True), dict(bits=2, group_size=48)])
+def test_the_weight_is_rebuilt_from_the_codes_to_the_bit(settings):
+    """What a rank receives instead of the solver's float32 weight (codes, scales, zero points,
+    g_idx: the stored types) gives it back exactly, for GPTQ batches and round-to-nearest."""
+    cfg = QuantConfig(**settings)
+    Ws, Hs = zip(*[_problem(20 + k, out_f=40, in_f=240, n=512)[::2] for k in range(2)])
+    results = gptq_batch(torch.stack(Ws), torch.stack(Hs), cfg) + [rtn(Ws[0], cfg)]
+    for res in results:
+        assert res.Q.dtype == torch.uint8 and res.zero.dtype == torch.int32
+        assert torch.equal(dequantized(res.Q, res.scale, res.zero, res.g_idx), res.weight)
+    stacked = [torch.stack([getattr(r, f) for r in results[:2]]) for f in ("Q", "scale", "zero", "g_idx")]
+    assert torch.equal(dequantized(*stacked), torch.stack([r.weight for r in results[:2]]))
 
 
 def test_a_batch_names_the_problem_whose_cholesky_fails():
