@@ -140,6 +140,15 @@ def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
     return union
 
 
+def gathered(group: Group, obj) -> list:
+    """obj (picklable) from every rank, in rank order, on every rank."""
+    if group.size == 1:
+        return [obj]
+    out: list = [None] * group.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @dataclass
 class Problem:
     """One stacked GPTQ problem: the weights of Linears sharing a Hessian."""

@@ -243,6 +243,9 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
     with ThreadPoolExecutor(1, thread_name_prefix="qwen-gptq-outside") as writer:
         outside = writer.submit(work.save_outside, _outside_tensors(o, c, model)) if c.ranks.main else None
         outcome = quantize_model(model, family, calibration, plan)
+    # Each process's own timings (a slow one shows as waits in the others' solves).
+    ranks = distributed.gathered(c.ranks, {"layer_seconds": [round(x, 3) for x in outcome.layer_seconds],
+                                           "timings": {k: round(v, 4) for k, v in outcome.timings.items()}})
     if not c.ranks.main:
         return {"rank": c.ranks.rank}  # rank 0 writes
     outside.result()
@@ -282,6 +285,7 @@ def _quantize_and_write(o: QuantizeOptions, c: _Checked, work: resume.WorkDir) -
         "rtn_fallbacks": [f"{s.layer}.{s.module}" for s in outcome.stats if s.method == "rtn" and o.quant.method == "gptq"],
         "files": sorted(files),
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        **({"ranks": ranks} if c.ranks.size > 1 else {}),
         "peak_gpu_bytes": runtime.peak_gpu_bytes(device),
         "peak_host_bytes": runtime.peak_host_bytes(),
     }

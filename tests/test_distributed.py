@@ -65,6 +65,9 @@ def test_two_processes_match_one(tmp_path, w4_ppl):
     assert p.returncode == 0, stderr[-3000:]
     reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and reports[0]["processes"] == 2 and reports[0]["samples"] == 128
+    ranks = reports[0]["ranks"]
+    layers = len(reports[0]["layer_seconds"])
+    assert len(ranks) == 2 and all(len(r["layer_seconds"]) == layers and r["timings"]["hessian"] > 0 for r in ranks)
     assert not reports[0]["rtn_fallbacks"]
     model, tok = load_quantized(out)
     value = perplexity(model, eval_windows(tok, open(EVAL_TEXT, encoding="utf-8").read(), 64, 512))
