@@ -712,25 +712,32 @@ def _group_params(W: torch.Tensor, gs: int, n_groups: int, cfg: QuantConfig,
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
     """Round-to-nearest with the same output as gptq(): the fallback for a Linear
     that saw no calibration tokens (an MoE expert no token was routed to)."""
-    rows, columns = W.shape
+    return rtn_batch(W[None], cfg)[0]
+
+
+def rtn_batch(W: torch.Tensor, cfg: QuantConfig) -> list[GPTQResult]:
+    """rtn() for B weights of one shape, W [B, rows, columns], at once (an MoE layer's
+    experts without tokens: one by one, each took a few hundred small operations)."""
+    B, rows, columns = W.shape
     gs = cfg.group_size if cfg.group_size > 0 else columns
     W = W.float()
     g_idx = torch.arange(columns, device=W.device, dtype=torch.int32) // gs
     n_groups = math.ceil(columns / gs)
-    if columns % gs == 0:  # all groups at once: W as [groups, rows, gs]
-        Wg = W.view(rows, n_groups, gs)
-        scale_t, zero_t = find_params(Wg.transpose(0, 1), cfg)
-        s, z = scale_t.T.contiguous()[..., None], zero_t.T.contiguous()[..., None]
+    if columns % gs == 0:  # all groups at once: W as [B, groups, rows, gs]
+        Wg = W.view(B, rows, n_groups, gs)
+        scale_t, zero_t = find_params(Wg.transpose(1, 2), cfg)  # [B, groups, rows]
+        s, z = scale_t.mT.contiguous()[..., None], zero_t.mT.contiguous()[..., None]
         Q = quantize(Wg, s, z, cfg.maxq)
-        weight = dequantize(Q, s, z).view(rows, columns)
-        Q = Q.view(rows, columns)
+        weight = dequantize(Q, s, z).view(B, rows, columns)
+        Q = Q.view(B, rows, columns)
     else:
         params = _group_params(W, gs, n_groups, cfg)
-        scale_t = torch.stack([s for s, _ in params])
-        zero_t = torch.stack([z for _, z in params])
-        s = scale_t[g_idx.long()].T
-        z = zero_t[g_idx.long()].T
+        scale_t = torch.stack([s for s, _ in params], dim=1)  # [B, groups, rows]
+        zero_t = torch.stack([z for _, z in params], dim=1)
+        s = scale_t[:, g_idx.long()].mT
+        z = zero_t[:, g_idx.long()].mT
         Q = quantize(W, s, z, cfg.maxq)
         weight = dequantize(Q, s, z)
-    return GPTQResult(Q=Q.to(torch.uint8), scale=scale_t, zero=zero_t.to(torch.int32), g_idx=g_idx,
-                      weight=weight, losses=torch.zeros(rows, device=W.device), damp=0.0)
+    Q, zero_t, losses = Q.to(torch.uint8), zero_t.to(torch.int32), torch.zeros(B, rows, device=W.device)
+    return [GPTQResult(Q=Q[k], scale=scale_t[k], zero=zero_t[k], g_idx=g_idx, weight=weight[k], losses=losses[k],
+                       damp=0.0) for k in range(B)]

@@ -33,7 +33,7 @@ from . import distributed, fastpath, gptq_v1, runtime
 from .calib import Calibration
 from .errors import QuantizationFailed
 from .families import Family, decoder_layers, layer_groups
-from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, Shared, gptq_batch, rtn
+from .gptq import CholeskyFailed, CrossProducts, GPTQResult, Hessian, QuantConfig, Shared, gptq_batch, rtn_batch
 from .resume import WorkDir
 from .runtime import LayerForwards, LayerInputs, Mover, StopForward, Weights
 
@@ -653,7 +653,7 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     def solve(names: list[str], W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None,
               shared: Shared | None) -> list[GPTQResult]:
         if H is None:
-            return [rtn(w, cfg) for w in W]
+            return rtn_batch(W, cfg)
         try:
             results = gptq_batch(W, H, cfg, overwrite_h=True, D=D, shared=shared)
         except CholeskyFailed as e:

@@ -15,6 +15,7 @@ from qwen_gptq.gptq import (
     gptq_batch,
     inverse_hessians,
     rtn,
+    rtn_batch,
     upper_cholesky_of_inverse,
 )
 from qwen_gptq.gptq_v1 import MIN_ZERO
@@ -260,6 +261,18 @@ def test_the_weight_is_rebuilt_from_the_codes_to_the_bit(settings):
         assert torch.equal(dequantized(res.Q, res.scale, res.zero, res.g_idx), res.weight)
     stacked = [torch.stack([getattr(r, f) for r in results[:2]]) for f in ("Q", "scale", "zero", "g_idx")]
     assert torch.equal(dequantized(*stacked), torch.stack([r.weight for r in results[:2]]))
+
+
+@pytest.mark.parametrize("settings", [dict(bits=4, group_size=64), dict(bits=3, group_size=48, sym=False, min_zero=MIN_ZERO),
+                                      dict(bits=4, group_size=-1, mse=False)])
+def test_round_to_nearest_in_a_batch_gives_each_weight_its_own_bits(settings):
+    cfg = QuantConfig(**settings)
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(3, 24, 160, generator=g) * torch.linspace(0.1, 2, 160)  # 160 = 2.5 groups of 64, 3.3 of 48
+    for k, res in enumerate(rtn_batch(W, cfg)):
+        alone = rtn(W[k], cfg)
+        for field in ("Q", "scale", "zero", "g_idx", "weight", "losses"):
+            assert torch.equal(getattr(res, field), getattr(alone, field)), (k, field)
 
 
 def test_a_batch_names_the_problem_whose_cholesky_fails():
