@@ -304,8 +304,8 @@ def inverse_hessians(H: torch.Tensor, damp_percent: float, shared: Shared | None
     todo = list(range(B))
     Hinv = None
     while True:
-        for k in todo:
-            H[k].diagonal().copy_(diag[k] + damps[k] * mean_diag[k])
+        shift = torch.tensor([damps[k] * mean_diag[k] for k in todo], dtype=H.dtype, device=H.device)
+        H.diagonal(dim1=-2, dim2=-1)[todo] = diag[todo] + shift[:, None]  # (one copy for the batch)
         U, ok = upper_cholesky_of_inverse(H if len(todo) == B else H[todo], shared, consume)
         if len(todo) == B:  # (the whole batch: with consume, U is H's memory, already Hinv's)
             Hinv = U
@@ -577,10 +577,9 @@ def gptq_batch(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, overwrite_h: 
     # columns' mean, so that they leave the dampening (a fraction of the mean) as it was.
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
-    if bool(dead.any()):
-        for k in range(B):
-            d = dead[k]
-            H[k][d, d] = diag[k][~d].mean() if bool((~d).any()) else 1.0
+    for k in dead.any(dim=-1).nonzero().flatten().tolist():  # (one host sync for the batch, one per such problem)
+        live = diag[k][~dead[k]]
+        diag[k].copy_(torch.where(dead[k], live.mean() if live.numel() else 1.0, diag[k]))
     if D is not None:
         W = asymmetric_target(W, H, D, cfg.damp_percent, cfg.gptaq_alpha)
     W.masked_fill_(dead[:, None, :], 0)
