@@ -5,9 +5,10 @@ Every process (rank) runs the whole pipeline on its own slice of the calibration
 over the ranks, and the GPTQ problems are spread over them:
 
 - a group with at least as many problems as ranks (MoE experts) gives each problem one
-  owner, assigned by cost (longest first, to the least loaded rank): its Hessian is
-  reduced to the owner, which solves its problems in batches of one shape, as one
-  process does, and sends each batch's results in one broadcast per tensor;
+  owner, assigned by cost (longest first, to the least loaded rank): the Hessians are
+  summed at their owners by reduce-scatters of many at a time, and each owner solves its
+  problems in batches of one shape, as one process does, and sends each batch's results
+  in one broadcast per tensor;
 - a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
   its rows split over the ranks: the Hessian is all-reduced and each rank solves its
   rows (rows are independent given H).
@@ -140,7 +141,7 @@ def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
     return union
 
 
-def gathered(group: Group, obj) -> list:
+def gathered(group: Group, obj: object) -> list:
     """obj (picklable) from every rank, in rank order, on every rank."""
     if group.size == 1:
         return [obj]
@@ -253,65 +254,26 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
         flags = torch.tensor([int(p.paired) for p in problems], dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         paired = [bool(f) for f in flags.tolist()]
-    split = len(problems) < group.size
-    owners = [-1] * len(problems) if split else _owners(group, [_cost(p) for p in problems])
-
-    def summed(t: torch.Tensor | None, columns: int, n: int, owner: int) -> torch.Tensor | None:
-        """This rank's part summed over the ranks, scaled by 2/n (where it is needed)."""
-        t = t if t is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
-        if split:
-            dist.all_reduce(t)
-        else:
-            dist.reduce(t, owner)
-        return t.mul_(2.0 / n) if split or owner == group.rank else None
-
-    hessians: list[torch.Tensor | None] = []
-    crosses: list[torch.Tensor | None] = []
-    for p, n, owner, use in zip(problems, counts, owners, paired):
-        h, p.hessian = p.hessian, None
-        c, p.cross = p.cross, None
-        if n == 0:
-            hessians.append(None)
-            crosses.append(None)
-            continue
-        columns = p.shape[1]
-        hessians.append(summed(h.products() if h is not None else None, columns, n, owner))
-        crosses.append(summed(c.D if c is not None else None, columns, n, owner) if cross and use else None)
-    # Every rank solves what it owns first, then the results travel in order: a rank never
-    # waits for another's solve before starting its own.
-    if split:
-        mine: dict[int, GPTQResult] = {}
-        for i, p in enumerate(problems):
-            H, hessians[i] = hessians[i], None
-            D, crosses[i] = crosses[i], None
-            split_rows = _rows(group, p.shape[0])
-            rows = split_rows[group.rank]
-            # Hinv, the one step that is the same on every rank, is shared too (its
-            # Cholesky in halves and its triangular solve in column blocks, each part summed
-            # in an all-reduce: gptq.lower_cholesky, upper_cholesky_of_inverse), where every
-            # rank has rows and all ranks share a host (between hosts the all-reduces,
-            # 1.5 × columns² × 4 bytes, cost more than the work they split: 72B, 5.2 GB ≈
-            # 0.4 s at 100 Gb/s against ≈ 0.25 s of work saved).
-            shared = Shared(group.rank, group.size, dist.all_reduce) if one_host(group) and all(
-                r.stop > r.start for r in split_rows) and H is not None else None
-            if rows.stop > rows.start:
-                mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
-            del H, D
-        for i, (p, n) in enumerate(zip(problems, counts)):
-            parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r, [mine.pop(i)] if r == group.rank else None,
-                                device)[0]
-                     for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
-            yield _joined(parts), n
+    if len(problems) < group.size:
+        yield from _solve_split(group, problems, solve, counts, [cross and use for use in paired])
         return
     # Owners solve their problems in batches (as one process does) and send each batch's
     # results in one go: every rank can tell every rank's batches, all being decided alike.
+    # Every rank solves what it owns first, then the results travel in order: a rank never
+    # waits for another's solve before starting its own.
+    owners = _owners(group, [_cost(p) for p in problems])
     has_d = [cross and use and n > 0 for use, n in zip(paired, counts)]
     batches = [_batches(problems, [i for i, o in enumerate(owners) if o == r], counts, has_d)
                for r in range(group.size)]
+    hessians = _summed_at_owners(group, problems, batches, [n > 0 for n in counts], _products, device)
+    crosses = _summed_at_owners(group, problems, batches, has_d, _cross_products, device) if cross else {}
+    for p in problems:  # (what no rank uses: unpaired cross products)
+        p.hessian = p.cross = None
     solved: dict[tuple[int, ...], list[GPTQResult]] = {}
     for batch in batches[group.rank]:
-        H = _stacked(_taken(hessians, batch)) if counts[batch[0]] else None
-        D = _stacked(_taken(crosses, batch)) if has_d[batch[0]] else None
+        scale = torch.tensor([2.0 / counts[i] if counts[i] else 0.0 for i in batch], dtype=torch.float32, device=device)
+        H = hessians.pop(tuple(batch)).mul_(scale[:, None, None]) if counts[batch[0]] else None
+        D = crosses.pop(tuple(batch)).mul_(scale[:, None, None]) if has_d[batch[0]] else None
         solved[tuple(batch)] = _solve_batch(problems, batch, solve, H, D)
         del H, D
     results: dict[int, GPTQResult] = {}
@@ -323,11 +285,106 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
         yield results.pop(i), n
 
 
-def _taken(items: list, which: list[int]) -> list:
-    """items[i] for i in which, each left None in items."""
-    out = [items[i] for i in which]
-    for i in which:
-        items[i] = None
+def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: list[int],
+                 with_d: list[bool]) -> Iterator[tuple[GPTQResult, int]]:
+    """Fewer problems than ranks (a dense layer's groups): each problem's Hessian (and,
+    with_d, cross products) summed on every rank (all-reduce), its rows split over the ranks."""
+    device = problems[0].weights[0].device
+    hessians: list[torch.Tensor | None] = []
+    crosses: list[torch.Tensor | None] = []
+    for p, n, use in zip(problems, counts, with_d):
+        h, c = _products(p), _cross_products(p)
+        if n == 0:
+            hessians.append(None)
+            crosses.append(None)
+            continue
+        hessians.append(_all_summed(h, p.shape[1], n, device))
+        crosses.append(_all_summed(c, p.shape[1], n, device) if use else None)
+    mine: dict[int, GPTQResult] = {}
+    for i, p in enumerate(problems):
+        H, hessians[i] = hessians[i], None
+        D, crosses[i] = crosses[i], None
+        split_rows = _rows(group, p.shape[0])
+        rows = split_rows[group.rank]
+        # Hinv, the one step that is the same on every rank, is shared too (its
+        # Cholesky in halves and its triangular solve in column blocks, each part summed
+        # in an all-reduce: gptq.lower_cholesky, upper_cholesky_of_inverse), where every
+        # rank has rows and all ranks share a host (between hosts the all-reduces,
+        # 1.5 × columns² × 4 bytes, cost more than the work they split: 72B, 5.2 GB ≈
+        # 0.4 s at 100 Gb/s against ≈ 0.25 s of work saved).
+        shared = Shared(group.rank, group.size, dist.all_reduce) if one_host(group) and all(
+            r.stop > r.start for r in split_rows) and H is not None else None
+        if rows.stop > rows.start:
+            mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
+        del H, D
+    for i, (p, n) in enumerate(zip(problems, counts)):
+        parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r, [mine.pop(i)] if r == group.rank else None,
+                            device)[0]
+                 for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
+        yield _joined(parts), n
+
+
+def _products(p: Problem) -> torch.Tensor | None:
+    """p's XᵀX on this rank (unscaled; None: no token here), no longer held by p."""
+    h = _take(p, "hessian")
+    return h.products() if h is not None else None
+
+
+def _cross_products(p: Problem) -> torch.Tensor | None:
+    c = _take(p, "cross")
+    return c.D if c is not None else None
+
+
+def _all_summed(t: torch.Tensor | None, columns: int, n: int, device: torch.device) -> torch.Tensor:
+    """This rank's part (None: zeros) summed over the ranks, scaled by 2/n, on every rank."""
+    t = t if t is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
+    dist.all_reduce(t)
+    return t.mul_(2.0 / n)
+
+
+REDUCE_PIECE_BYTES = 256 << 20  # each rank's part of one reduce-scatter of owned problems' Hessians, at most
+
+
+def _summed_at_owners(group: Group, problems: list[Problem], batches: list[list[list[int]]], wanted: list[bool],
+                      part: Callable[[Problem], torch.Tensor | None],
+                      device: torch.device) -> dict[tuple[int, ...], torch.Tensor]:
+    """For each of this rank's batches of `wanted` problems: their part (this rank's
+    accumulation; None: none here) summed over the ranks, unscaled, stacked [B, n, n].
+
+    One reduce-scatter per piece (each rank's next problems, up to REDUCE_PIECE_BYTES, in
+    its batches' order, padded to the largest rank's), not one reduce per problem: an MoE
+    layer's 384 experts were as many collectives, each a host round trip. Every rank's
+    parts are released as they are copied in."""
+    queues = [[(tuple(b), k, i) for b in bs if wanted[b[0]] for k, i in enumerate(b)] for bs in batches]
+    out = {key: torch.empty(len(key), problems[key[0]].shape[1], problems[key[0]].shape[1], device=device)
+           for key in {q[0] for q in queues[group.rank]}}
+    size = lambda i: problems[i].shape[1] ** 2  # noqa: E731
+    while any(queues):
+        piece = []
+        for r, q in enumerate(queues):
+            k, total = 0, 0
+            while k < len(q) and (k == 0 or (total + size(q[k][2])) * 4 <= REDUCE_PIECE_BYTES):
+                total += size(q[k][2])
+                k += 1
+            piece.append(q[:k])
+            queues[r] = q[k:]
+        segment = max(sum(size(i) for _, _, i in p) for p in piece)
+        send = torch.zeros(group.size * segment, device=device, dtype=torch.float32)
+        for r, p in enumerate(piece):
+            at = r * segment
+            for _, _, i in p:
+                t = part(problems[i])
+                if t is not None:
+                    send[at:at + size(i)].view_as(t).copy_(t)
+                del t
+                at += size(i)
+        got = torch.empty(segment, device=device, dtype=torch.float32)
+        dist.reduce_scatter_tensor(got, send)
+        del send
+        at = 0
+        for key, k, i in piece[group.rank]:
+            out[key][k].copy_(got[at:at + size(i)].view(out[key].shape[1:]))
+            at += size(i)
     return out
 
 

@@ -13,14 +13,15 @@ import pytest
 
 from qwen_gptq import distributed, resume
 
-from .conftest import CALIB, EVAL_TEXT, TINY, cli
+from .conftest import CALIB, EVAL_TEXT, TINY, cli, make_tiny, quantize_cli
 
 ARGS = ("--model_name_or_path", TINY, "--data_path", CALIB, "--device", "cpu")
 
 
-def _torchrun(n, out, *extra, **kw):
+def _torchrun(n, out, *extra, model=TINY, **kw):
+    args = ("--model_name_or_path", model, *ARGS[2:])
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                             "-m", "qwen_gptq", "quantize", *ARGS, "--out_path", str(out), *extra],
+                             "-m", "qwen_gptq", "quantize", *args, "--out_path", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -74,6 +75,37 @@ def test_two_processes_match_one(tmp_path, w4_ppl):
     assert abs(value - w4_ppl) <= 0.05, (value, w4_ppl)
 
 
+def _experts(out):
+    """Layer 0's experts' weights as a loader computes them, by name."""
+    from safetensors.torch import load_file
+
+    from qwen_gptq.gptq_v1 import dequantize_linear
+
+    t = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    names = sorted(k[:-len(".qweight")] for k in t if ".layers.0.mlp.experts." in k and k.endswith(".qweight"))
+    return {n: dequantize_linear(*(t[f"{n}.{x}"] for x in ("qweight", "qzeros", "scales", "g_idx")), bits=4) for n in names}
+
+
+@pytest.mark.slow
+def test_moe_experts_spread_over_two_processes_match_one(tmp_path):
+    """An MoE model's experts, each solved by one of 2 processes (their Hessians summed at
+    the owner by reduce-scatters): the same experts fall back to round-to-nearest as in one
+    process, and layer 0's experts get the same codes but for summation-order ties."""
+    src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                    decoder_sparse_step=1)
+    extra = ("--num-samples", "16", "--max_len", "256", "--device", "cpu")
+    one = quantize_cli(src, tmp_path / "one", *extra)
+    p = _torchrun(2, tmp_path / "two", "--num-samples", "16", "--max_len", "256", "--json", "-q", model=src)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    two = json.loads(stdout.strip().splitlines()[-1])
+    assert two["processes"] == 2 and two["rtn_fallbacks"] == one["rtn_fallbacks"]
+    a, b = _experts(tmp_path / "one"), _experts(tmp_path / "two")
+    assert len(a) == 24 and a.keys() == b.keys()
+    same = sum((a[n] == b[n]).sum().item() for n in a) / sum(a[n].numel() for n in a)
+    assert same > 0.99, same
+
+
 def _children(pid):
     """The processes whose parent is pid, with their environment's RANK."""
     out = {}
@@ -119,32 +151,40 @@ from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 
 solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
 solver.CHOLESKY_SPLIT_FROM = 32  # ... and its Cholesky
+distributed.REDUCE_PIECE_BYTES = 64 * 64 * 4  # owners' Hessians: a problem a piece, padded where a rank has fewer
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 cfg = QuantConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0)
 n, cols = 4096, 64
 X = torch.randn(n, cols, generator=g) * torch.linspace(0.2, 2, cols)
 Xq = X + 0.3 * torch.randn(n, cols, generator=g)  # the quantized model's inputs: an earlier layer's error
-Ws = [torch.randn(48, cols, generator=g) for _ in range(3)]
+Ws = [torch.randn(48, cols, generator=g) for _ in range(3)] + [torch.randn(40, cols // 2, generator=g)]
+first = slice(0, n // group.size)  # problem 3's tokens: rank 0's rows alone (rank 1 has no Hessian of it)
 
 def problems(rows):
     out = []
     for k, W in enumerate(Ws):
-        h, c = Hessian(cols, torch.device("cpu")), CrossProducts(cols, torch.device("cpu"))
-        h.add(Xq[rows])
-        c.add(X[rows], Xq[rows])
-        out.append(distributed.Problem(f"p{k}", [W], h, c))
+        x, xq = (X[first][rows], Xq[first][rows]) if k == 3 else (X[rows], Xq[rows])
+        x, xq = x[:, :W.shape[1]], xq[:, :W.shape[1]]
+        h, c = Hessian(W.shape[1], torch.device("cpu")), CrossProducts(W.shape[1], torch.device("cpu"))
+        if len(x):
+            h.add(xq)
+            c.add(x, xq)
+        out.append(distributed.Problem(f"p{k}", [W], h if len(x) else None, c if len(x) else None))
     return out
 
 solve = lambda names, W, H, D, shared: gptq_batch(W, H, cfg, D=D, shared=shared)
 mine = slice(group.rank * n // group.size, (group.rank + 1) * n // group.size)
 report = {}
-for label, chosen in (("owners", [0, 1, 2]), ("split", [0])):  # 3 problems: owners; 1 problem: rows split
+# 4 problems (two sizes of Hessian, one seen by one rank alone): owners; 1 problem: rows split
+for label, chosen in (("owners", [0, 1, 2, 3]), ("split", [0])):
     spread = [r for r, _ in distributed.solve_all(group, [problems(mine)[k] for k in chosen], solve, cross=True)]
     local = [r for r, _ in distributed.solve_all(distributed.Group(), [problems(slice(None))[k] for k in chosen], solve,
                                                   cross=True)]
-    plain = [gptq(Ws[k], 2 * Xq.T @ Xq / n, cfg) for k in chosen]
-    err = lambda k, Wq: ((Xq @ Wq.T - X @ Ws[k].T) ** 2).mean().item()
+    data = lambda k: (X[first], Xq[first]) if k == 3 else (X, Xq)
+    cut = lambda k, t: t[:, :Ws[k].shape[1]]
+    plain = [gptq(Ws[k], 2 * cut(k, data(k)[1]).T @ cut(k, data(k)[1]) / len(data(k)[1]), cfg) for k in chosen]
+    err = lambda k, Wq: ((cut(k, data(k)[1]) @ Wq.T - cut(k, data(k)[0]) @ Ws[k].T) ** 2).mean().item()
     w = torch.cat([r.weight.flatten() for r in spread])  # (a solver's own, or rebuilt from what it sent)
     every = [torch.empty_like(w) for _ in range(group.size)]
     torch.distributed.all_gather(every, w)
