@@ -134,7 +134,8 @@ def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
     if group.size == 1:
         return owner
     gathered: list = [None] * group.size
-    dist.all_gather_object(gathered, owner)
+    with torch.profiler.record_function("agree"):
+        dist.all_gather_object(gathered, owner)
     union: dict[str, str] = {}
     for o in gathered:
         union.update(o)
@@ -338,7 +339,8 @@ def _cross_products(p: Problem) -> torch.Tensor | None:
 def _all_summed(t: torch.Tensor | None, columns: int, n: int, device: torch.device) -> torch.Tensor:
     """This rank's part (None: zeros) summed over the ranks, scaled by 2/n, on every rank."""
     t = t if t is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
-    dist.all_reduce(t)
+    with torch.profiler.record_function("all-reduce"):
+        dist.all_reduce(t)
     return t.mul_(2.0 / n)
 
 
@@ -379,7 +381,8 @@ def _summed_at_owners(group: Group, problems: list[Problem], batches: list[list[
                 del t
                 at += size(i)
         got = torch.empty(segment, device=device, dtype=torch.float32)
-        dist.reduce_scatter_tensor(got, send)
+        with torch.profiler.record_function("reduce-scatter"):
+            dist.reduce_scatter_tensor(got, send)
         del send
         at = 0
         for key, k, i in piece[group.rank]:
@@ -424,8 +427,9 @@ def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQRe
     rows, columns = shape
     header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
                           dtype=torch.float64, device=device)
-    dist.broadcast(header, src)
-    values = header.tolist()
+    with torch.profiler.record_function("broadcast header"):  # (tolist waits for the sender)
+        dist.broadcast(header, src)
+        values = header.tolist()
     groups, damps = int(values[0]), values[1:]
     if mine:
         stacked = {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}

@@ -352,7 +352,7 @@ def _leave(run: _Run, layer: nn.Module, start: float) -> None:
 def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None) -> None:
     """The next layer's inputs: this layer's outputs for every batch."""
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), runtime.phase("forward"):
         for j, x in enumerate(run.inputs):
             def step(j=j, x=x):
                 if forwards is not None:
@@ -439,9 +439,11 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
 
             def step(modules=modules, done=done, first=names[0]):  # (run now, within this iteration)
                 rtn_only = run.plan.cfg.method == "rtn"
-                measured = _GroupInputs(modules) if rtn_only else _measure(run, i, layer, forwards, modules, fp_layer)
+                with runtime.phase(f"measure {first}"):
+                    measured = _GroupInputs(modules) if rtn_only else _measure(run, i, layer, forwards, modules, fp_layer)
                 _say_memory(run, i, f"measuring {first}…")
-                _solve(run, i, modules, measured, done)
+                with runtime.phase(f"solve {first}"):
+                    _solve(run, i, modules, measured, done)
                 _say_memory(run, i, f"solving {first}…")
 
             _retrying(run, i, f"quantizing {', '.join(names)}", step)
@@ -674,7 +676,8 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         pending.append(_Solved(lead, res, n_tok, elapsed))
         if lead == leads[-1] or sum(p.res.weight.numel() * 4 for p in pending) >= PACK_BATCH_BYTES:
             t0 = time.perf_counter()
-            _write_back(run, i, modules, members, pending)
+            with runtime.phase("write back"):
+                _write_back(run, i, modules, members, pending)
             done.update(p.lead for p in pending)
             pending.clear()
             runtime.sync(device)

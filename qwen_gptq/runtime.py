@@ -531,6 +531,12 @@ def host_memory_returned_on_free() -> None:
         pass
 
 
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """A named span in the profile's trace (QWEN_GPTQ_PROFILE; scripts/trace_summary.py
+    times each); a few microseconds otherwise, a handful of times per group."""
+    return torch.profiler.record_function(name)
+
+
 def profiled(i: int, rank: int) -> contextlib.AbstractContextManager:
     """Around layer i's work: torch.profiler's tables (device time and host time per op,
     threads included) into $QWEN_GPTQ_PROFILE.rankN.txt and its timeline (Chrome's trace

@@ -8,7 +8,9 @@ For each trace: the layer's span, each stream's busy time, the main stream's gap
 2 ms (with the op that launched the kernel after each), the time the main thread's CUDA
 calls overlapped another thread's long cudaMemcpyAsync (a pageable copy holds the driver),
 and the NCCL kernels' time (a rank waiting for the other shows as long NCCL kernels). Then
-the GPU time per kernel name, one column per trace. This is how the 2026-11-30 profiles
+the host time of each named span (runtime.phase: each group's measuring and solving, the
+write-back, the forward; distributed's collectives), and the GPU time per kernel name, one
+column per trace. This is how the 2026-11-30 profiles
 were read (docs/benchmarks.md).
 """
 
@@ -63,6 +65,10 @@ def summary(events: list[dict]) -> dict:
         for e in runtime:
             if e["tid"] == main_thread and e["name"] != "cudaStreamSynchronize" and e["dur"] > 1000:
                 held += max(0, min(c["ts"] + c["dur"], e["ts"] + e["dur"]) - max(c["ts"], e["ts"]))
+    phases = collections.defaultdict(float)  # runtime.phase's and distributed's named spans, host time
+    for e in events:
+        if e.get("cat") == "user_annotation" and e["tid"] == main_thread:
+            phases[e["name"]] += e["dur"] / 1e3
     kernels = collections.defaultdict(float)
     for e in gpu:
         kernels[e["name"][:70]] += e["dur"] / 1e3
@@ -74,6 +80,7 @@ def summary(events: list[dict]) -> dict:
         "largest_gaps": sorted(gaps, key=lambda g: -g["ms"])[:10],
         "main_thread_held_by_other_threads_copies_ms": round(held / 1e3, 1),
         "nccl_ms": round(sum(v for k, v in kernels.items() if "nccl" in k.lower()), 1),
+        "phase_ms": dict(phases),
         "kernel_ms": dict(kernels),
     }
 
@@ -95,6 +102,10 @@ def main():
               f"NCCL {r['nccl_ms']} ms")
         for g in r["largest_gaps"][:5]:
             print(f"  gap {g['ms']:7.1f} ms at {g['at_s']:.3f} s before {g['before']} ({g['launched_from']})")
+    columns = "".join(f"  [{i}]" for i in range(len(results)))
+    print("\nHost ms per named span (measure/solve: each group's, by its first Linear):" + columns)
+    for k in sorted({k for r in results for k in r["phase_ms"]}):
+        print(f"{k:70s}" + "".join(f"{r['phase_ms'].get(k, 0):9.1f}" for r in results))
     names = sorted({k for r in results for k in r["kernel_ms"]},
                    key=lambda k: -max(r["kernel_ms"].get(k, 0) for r in results))
     print("\nGPU ms per kernel:" + "".join(f"  [{i}]" for i in range(len(results))))

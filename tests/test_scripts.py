@@ -12,7 +12,8 @@ from .conftest import ROOT
 
 def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path):
     """A synthetic layer trace: the main stream idles 5 ms between two kernels, a main-thread
-    launch overlaps another thread's 4 ms pageable copy for 3 ms, an NCCL kernel runs 1 ms."""
+    launch overlaps another thread's 4 ms pageable copy for 3 ms, an NCCL kernel runs 1 ms,
+    a named span of the main thread twice (2.5 ms together)."""
     X = "X"
     events = [
         {"ph": X, "cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 0, "dur": 10000},
@@ -25,6 +26,9 @@ def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path
         {"ph": X, "cat": "kernel", "name": "gemm", "tid": 7, "ts": 0, "dur": 1000, "args": {"correlation": 7}},
         {"ph": X, "cat": "kernel", "name": "cat_kernel", "tid": 7, "ts": 6000, "dur": 1000, "args": {"correlation": 8}},
         {"ph": X, "cat": "kernel", "name": "ncclDevKernel_AllReduce", "tid": 7, "ts": 7000, "dur": 1000, "args": {}},
+        {"ph": X, "cat": "user_annotation", "name": "solve q_proj", "tid": 1, "ts": 0, "dur": 2000},
+        {"ph": X, "cat": "user_annotation", "name": "solve q_proj", "tid": 1, "ts": 3000, "dur": 500},
+        {"ph": X, "cat": "user_annotation", "name": "write back", "tid": 2, "ts": 0, "dur": 900},  # (not the main thread)
     ]
     trace = tmp_path / "t.rank0.json.gz"
     with gzip.open(trace, "wt") as f:
@@ -36,6 +40,7 @@ def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path
     assert s["gaps_ms"] == 5.0 and s["largest_gaps"][0]["launched_from"] == "aten::mm > aten::cat"
     assert s["main_thread_held_by_other_threads_copies_ms"] == 3.0
     assert s["nccl_ms"] == 1.0 and s["busy_s"] == {"7": 0.003} and s["span_s"] == 0.01
+    assert s["phase_ms"] == {"solve q_proj": 2.5}
 
 
 @pytest.mark.slow  # (two interpreters importing torch: 6 s)
