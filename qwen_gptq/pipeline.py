@@ -643,7 +643,9 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     several); weights written back, packed tensors fetched (by rank 0, which writes). Leads
     in `done` (solved before a retry) are left as they are; each solved lead joins it."""
     t, cfg, device, ranks = run.outcome.timings, run.plan.cfg, run.plan.device, run.plan.group
-    owner = distributed.agree(ranks, group.owner)
+    t0 = time.perf_counter()
+    owner = distributed.agree(ranks, group.owner)  # (the first collective: waits for slower ranks' passes)
+    t["solve"] += time.perf_counter() - t0
     leads = [n for n in modules if n not in owner and n not in done]
     members = {lead: [lead] + [n for n in modules if owner.get(n) == lead] for lead in leads}
     problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None),
