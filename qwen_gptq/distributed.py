@@ -355,11 +355,12 @@ def _summed_at_owners(group: Group, problems: list[Problem], batches: list[list[
 
     One reduce-scatter per piece (each rank's next problems, up to REDUCE_PIECE_BYTES, in
     its batches' order, padded to the largest rank's), not one reduce per problem: an MoE
-    layer's 384 experts were as many collectives, each a host round trip. Every rank's
-    parts are released as they are copied in."""
+    layer's 256 expert Hessians were as many collectives, each a host round trip. Every
+    rank's parts are released as they are copied in, and a batch's stack is allocated when
+    its first sum arrives: beyond the accumulators, which shrink as they go, the peak is about
+    one batch and a piece's two buffers."""
     queues = [[(tuple(b), k, i) for b in bs if wanted[b[0]] for k, i in enumerate(b)] for bs in batches]
-    out = {key: torch.empty(len(key), problems[key[0]].shape[1], problems[key[0]].shape[1], device=device)
-           for key in {q[0] for q in queues[group.rank]}}
+    out: dict[tuple[int, ...], torch.Tensor] = {}
     size = lambda i: problems[i].shape[1] ** 2  # noqa: E731
     while any(queues):
         piece = []
@@ -386,7 +387,10 @@ def _summed_at_owners(group: Group, problems: list[Problem], batches: list[list[
         del send
         at = 0
         for key, k, i in piece[group.rank]:
-            out[key][k].copy_(got[at:at + size(i)].view(out[key].shape[1:]))
+            n = problems[i].shape[1]
+            if key not in out:
+                out[key] = torch.empty(len(key), n, n, device=device, dtype=torch.float32)
+            out[key][k].copy_(got[at:at + size(i)].view(n, n))
             at += size(i)
     return out
 
