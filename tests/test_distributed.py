@@ -13,7 +13,7 @@ import pytest
 
 from qwen_gptq import distributed, resume
 
-from .conftest import CALIB, EVAL_TEXT, TINY, cli, make_tiny, quantize_cli
+from .conftest import CALIB, EVAL_TEXT, TINY, cli, make_tiny, packed_digest, quantize_cli
 
 ARGS = ("--model_name_or_path", TINY, "--data_path", CALIB, "--device", "cpu")
 
@@ -87,19 +87,24 @@ def _experts(out):
 
 
 @pytest.mark.slow
-def test_moe_experts_spread_over_two_processes_match_one(tmp_path):
+def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path):
     """An MoE model's experts, each solved by one of 2 processes (their Hessians summed at
-    the owner by reduce-scatters): the same experts fall back to round-to-nearest as in one
-    process, and layer 0's experts get the same codes but for summation-order ties."""
+    the owner by reduce-scatters), its attention's rows split: the same experts fall back to
+    round-to-nearest as in one process, layer 0's experts get the same codes but for
+    summation-order ties, and a second 2-process run writes the very same packed tensors."""
     src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                     decoder_sparse_step=1)
     extra = ("--num-samples", "16", "--max_len", "256", "--device", "cpu")
     one = quantize_cli(src, tmp_path / "one", *extra)
-    p = _torchrun(2, tmp_path / "two", "--num-samples", "16", "--max_len", "256", "--json", "-q", model=src)
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    two = json.loads(stdout.strip().splitlines()[-1])
+    reports = []
+    for out in ("two", "again"):
+        p = _torchrun(2, tmp_path / out, "--num-samples", "16", "--max_len", "256", "--json", "-q", model=src)
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    two = reports[0]
     assert two["processes"] == 2 and two["rtn_fallbacks"] == one["rtn_fallbacks"]
+    assert packed_digest(tmp_path / "two") == packed_digest(tmp_path / "again")
     a, b = _experts(tmp_path / "one"), _experts(tmp_path / "two")
     assert len(a) == 24 and a.keys() == b.keys()
     same = sum((a[n] == b[n]).sum().item() for n in a) / sum(a[n].numel() for n in a)
