@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import runtime
 from .errors import BadInput
 from .gptq import CrossProducts, GPTQResult, Hessian, Shared, dequantized, spread
 
@@ -134,7 +135,7 @@ def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
     if group.size == 1:
         return owner
     gathered: list = [None] * group.size
-    with torch.profiler.record_function("agree"):
+    with runtime.phase("agree"):
         dist.all_gather_object(gathered, owner)
     union: dict[str, str] = {}
     for o in gathered:
@@ -339,7 +340,7 @@ def _cross_products(p: Problem) -> torch.Tensor | None:
 def _all_summed(t: torch.Tensor | None, columns: int, n: int, device: torch.device) -> torch.Tensor:
     """This rank's part (None: zeros) summed over the ranks, scaled by 2/n, on every rank."""
     t = t if t is not None else torch.zeros(columns, columns, device=device, dtype=torch.float32)
-    with torch.profiler.record_function("all-reduce"):
+    with runtime.phase("all-reduce"):
         dist.all_reduce(t)
     return t.mul_(2.0 / n)
 
@@ -382,7 +383,7 @@ def _summed_at_owners(group: Group, problems: list[Problem], batches: list[list[
                 del t
                 at += size(i)
         got = torch.empty(segment, device=device, dtype=torch.float32)
-        with torch.profiler.record_function("reduce-scatter"):
+        with runtime.phase("reduce-scatter"):
             dist.reduce_scatter_tensor(got, send)
         del send
         at = 0
@@ -431,7 +432,7 @@ def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQRe
     rows, columns = shape
     header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
                           dtype=torch.float64, device=device)
-    with torch.profiler.record_function("broadcast header"):  # (tolist waits for the sender)
+    with runtime.phase("broadcast header"):  # (tolist waits for the sender)
         dist.broadcast(header, src)
         values = header.tolist()
     groups, damps = int(values[0]), values[1:]
