@@ -548,6 +548,19 @@ def profiled(i: int, rank: int) -> contextlib.AbstractContextManager:
     return _profile(Path(f"{path}.rank{rank}.txt"))
 
 
+def _all_threads() -> typing.Any:
+    """The profiler's setting that records every thread's ops (the mover's too, not only
+    the one that started it) and Python's garbage collections, where this torch has it."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    for flags in ({"profile_all_threads": True, "record_python_gc_info": True}, {"profile_all_threads": True}, {}):
+        try:
+            return _ExperimentalConfig(**flags)
+        except TypeError:
+            continue
+    return None
+
+
 @contextlib.contextmanager
 def _profile(path: Path) -> Iterator[None]:
     import time
@@ -556,7 +569,7 @@ def _profile(path: Path) -> Iterator[None]:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, experimental_config=_all_threads()) as prof:
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
