@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     _setup_logging(args)
+    return distributed.exit_code(_run_command(args, argv))
+
+
+def _run_command(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Run the command; its exit code, with errors reported."""
     try:
         if args.command == "quantize" and args.gpus and args.gpus != "1" and not distributed.launched():
             QuantizeOptions.build(**_values(args, QuantizeOptions)).validate()
@@ -324,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: out of memory; use --device cuda, fewer --num-samples or a smaller --max_len")
         return EXIT_FAILED
     except Exception as e:
+        if distributed.peer_lost(e):
+            log.error("error: process %s lost contact with another process, which failed or was stopped (its own "
+                      "message says why); this one stops too", os.environ.get("RANK", "?"))
+            return EXIT_FAILED
         if type(e).__name__ == "OutOfMemoryError":
             log.error("error: the GPU ran out of memory (%s); try fewer --num-samples, a smaller --max_len "
                       "or --batch-size 1", str(e).splitlines()[0])

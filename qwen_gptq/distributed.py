@@ -113,15 +113,44 @@ def launch(gpus: str, argv: list[str]) -> int:
     return 0
 
 
-def finish(together: bool = False) -> None:
-    """Leave the process group. together (a run that succeeded): wait for every rank
-    first — rank 0 is still writing when the others are done, and a gloo group torn down
-    under a peer that still holds its connections can abort the process (SIGABRT,
-    "terminate called without an active exception"), failing a run that succeeded."""
+def finish() -> None:
+    """Leave the process group after a run that succeeded: wait for every rank, then tear
+    the group down. (Rank 0 is still writing when the others are done, and a gloo group
+    torn down under a peer that still holds its connections can abort the process: SIGABRT,
+    "terminate called without an active exception", failing a run that succeeded.)
+
+    A run that failed leaves the group as it is, and its process ends through exit_code.
+    Tearing the group down waits for the other ranks under NCCL, while they wait in a
+    collective for this one: on two H200s a rank that failed hung the job, its error not
+    yet reported, until the collective's 30-minute TIMEOUT. Once this process has exited,
+    torchrun stops the others.
+    """
     if dist.is_initialized():
-        if together:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether e is a collective failing because another process is gone (it failed, and
+    its own message says why, or it was stopped): gloo's connection to it closed, or any
+    of torch.distributed's errors."""
+    return (dist.is_initialized() and dist.get_world_size() > 1
+            and (isinstance(e, dist.DistError) or any(s in str(e) for s in ("closed by peer", "reset by peer"))))
+
+
+def exit_code(code: int) -> int:
+    """The process's exit code, returned; or, where a failed run left its group as it was
+    (finish), the process ends here with it, at once. (os._exit: the interpreter's own
+    teardown would tear the group down after all. Nothing of ours waits for it: outputs
+    are flushed here, and cleaning up is done by then.)"""
+    if dist.is_initialized():
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
 
 
 def share(group: Group, sizes: list[int]) -> list[int]:

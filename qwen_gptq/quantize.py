@@ -112,14 +112,11 @@ def run(o: QuantizeOptions) -> dict:
         qconfig = {**reference["quantization_config"], **qconfig}
     samples = calib.select(calib.read_samples(o.data_path), o.num_samples, o.seed)
     ranks, device = distributed.init(device)  # (torchrun) after the checks: every rank makes them, and exits 2 alike
+    # (from here on, a failure leaves the process group as it is: see distributed.finish)
     if o.max_gpu_memory is not None and device.type == "cuda":
         runtime.limit_gpu_memory(device, o.gpu_memory_bytes)
-    try:
-        result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
-    except BaseException:
-        distributed.finish()
-        raise
-    distributed.finish(together=True)
+    result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
+    distributed.finish()
     return result
 
 

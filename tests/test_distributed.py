@@ -148,6 +148,45 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     assert resume.WorkDir(resume.work_path(out)).finished() >= 1
 
 
+FAILING_RANK_SCRIPT = """
+import errno, sys, time
+import torch.distributed as dist
+from qwen_gptq import cli, resume
+
+def teardown(*args, **kwargs):  # as NCCL's: it waits for the other ranks, which wait in a collective for this one
+    time.sleep(600)
+
+def save(self, i, tensors, stats):  # rank 0 (the writer) finds the disk full at layer 1
+    if i == 1:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    plain(self, i, tensors, stats)
+
+dist.destroy_process_group = teardown
+plain, resume.WorkDir.save = resume.WorkDir.save, save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_job_even_if_leaving_the_group_would_wait(tmp_path):
+    """Rank 0 fails (disk full) while rank 1 goes on into the next collective, and leaving
+    the process group waits for the other ranks (as under NCCL): the job still ends in
+    bounded time, with rank 0's error and exit code 1, and no output directory."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    out = tmp_path / "q"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), "quantize", *ARGS, "--num-samples", "16", "--max_len", "128", "--out_path",
+                        str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    assert "no space left on the device" in p.stderr, p.stderr[-3000:]
+    assert "internal error" not in p.stderr, p.stderr[-3000:]  # (rank 1, if it sees rank 0 go before it is stopped)
+    assert not out.exists()
+
+
 SOLVE_SCRIPT = """
 import json, sys
 import torch
@@ -202,7 +241,7 @@ for label, chosen in (("owners", [0, 1, 2, 3]), ("split", [0])):
     }
 if group.main:
     print(json.dumps(report))
-distributed.finish(together=True)
+distributed.finish()
 """
 
 
