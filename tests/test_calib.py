@@ -121,4 +121,4 @@ def test_auto_batches_put_samples_of_one_length_together_unpadded():
     assert padded[0].valid is not None and sum(b.tokens for b in padded) == sum(len(s) for s in samples)
     long = [torch.arange(2048)] * 128
     dense, moe = (calib.make_batches(long, None, 0, calib.auto_batch_tokens(m)) for m in (False, True))
-    assert [len(b.input_ids) for b in dense] == [4] * 32 and [len(b.input_ids) for b in moe] == [16] * 8
+    assert [len(b.input_ids) for b in dense] == [4] * 32 and [len(b.input_ids) for b in moe] == [32] * 4
