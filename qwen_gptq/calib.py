@@ -271,10 +271,11 @@ def auto_batch_tokens(moe: bool) -> int:
     """--batch-size auto's tokens a pass. Fewer, larger passes cost less per token where
     the host's launches bound a pass: on an H200 a Qwen3-30B-A3B-shaped MoE layer (128
     experts) took 5.2-6.5 s one 2048-token sample a pass, 2.6-3.7 s four at a time and
-    1.2-1.5 s sixteen; 32 at a time was faster again on one GPU and on two, in two sessions
-    (layer by layer 1.17-1.62 s against 1.16-1.86 s, two GPUs 0.86-1.08 s against
-    1.01-1.41 s), for 3-4.5 GB more GPU memory (docs/benchmarks.md). A dense layer's passes are bound by the GPU: their Hessians are
-    accumulated a sample at a time whatever the batch (the same bits as --batch-size 1)."""
+    1.2-1.5 s sixteen; 32 at a time was faster again, in two sessions, on one GPU (1.17-1.62 s
+    against 1.16-2.21 s) and on two (0.80-1.10 s against 0.93-1.41 s), for 3-4.5 GB more
+    GPU memory (docs/benchmarks.md). A dense layer's passes are bound by the GPU: their
+    Hessians are accumulated a sample at a time whatever the batch (the same bits as
+    --batch-size 1)."""
     return AUTO_BATCH_TOKENS_MOE if moe else AUTO_BATCH_TOKENS
 
 

@@ -132,10 +132,11 @@ def finish() -> None:
 
 def peer_lost(e: BaseException) -> bool:
     """Whether e is a collective failing because another process is gone (it failed, and
-    its own message says why, or it was stopped): gloo's connection to it closed, or any
-    of torch.distributed's errors."""
+    its own message says why, or it was stopped): its connection closed (gloo says so in a
+    RuntimeError) or torch.distributed's network error. (Under NCCL the others are stopped
+    by torchrun while they wait.)"""
     return (dist.is_initialized() and dist.get_world_size() > 1
-            and (isinstance(e, dist.DistError) or any(s in str(e) for s in ("closed by peer", "reset by peer"))))
+            and (isinstance(e, dist.DistNetworkError) or any(s in str(e) for s in ("closed by peer", "reset by peer"))))
 
 
 def exit_code(code: int) -> int:
