@@ -9,12 +9,14 @@ For each trace: the layer's span, each stream's busy time, the main stream's gap
 calls overlapped another thread's long cudaMemcpyAsync (a pageable copy holds the driver),
 and the NCCL kernels' time (a rank waiting for the other shows as long NCCL kernels). Then
 the host time of each named span (runtime.phase: each group's measuring and solving, the
-write-back, the forward; distributed's collectives), and the GPU time per kernel name, one
-column per trace. This is how the 2026-11-30 profiles
+write-back, the forward; distributed's collectives) with how much of it the main thread
+spent outside any operation (Python, or waiting for the GIL: how process 0's lag on two
+GPUs showed), and the GPU time per kernel name, one column per trace. This is how the 2026-11-30 profiles
 were read (docs/benchmarks.md).
 """
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -66,9 +68,12 @@ def summary(events: list[dict]) -> dict:
             if e["tid"] == main_thread and e["name"] != "cudaStreamSynchronize" and e["dur"] > 1000:
                 held += max(0, min(c["ts"] + c["dur"], e["ts"] + e["dur"]) - max(c["ts"], e["ts"]))
     phases = collections.defaultdict(float)  # runtime.phase's and distributed's named spans, host time
+    between = collections.defaultdict(float)  # ... of it outside any operation: Python, or waiting for the GIL
+    covered = _merged([(e["ts"], e["ts"] + e["dur"]) for e in ops])
     for e in events:
         if e.get("cat") == "user_annotation" and e["tid"] == main_thread:
             phases[e["name"]] += e["dur"] / 1e3
+            between[e["name"]] += (e["dur"] - _overlap(covered, e["ts"], e["ts"] + e["dur"])) / 1e3
     kernels = collections.defaultdict(float)
     for e in gpu:
         kernels[e["name"][:70]] += e["dur"] / 1e3
@@ -81,8 +86,30 @@ def summary(events: list[dict]) -> dict:
         "main_thread_held_by_other_threads_copies_ms": round(held / 1e3, 1),
         "nccl_ms": round(sum(v for k, v in kernels.items() if "nccl" in k.lower()), 1),
         "phase_ms": dict(phases),
+        "between_ops_ms": {k: round(v, 3) for k, v in between.items()},
         "kernel_ms": dict(kernels),
     }
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(merged: list[tuple[float, float]], a: float, b: float) -> float:
+    """How much of [a, b] the disjoint, sorted intervals cover."""
+    k = bisect.bisect_right(merged, (a, float("inf"))) - 1
+    total = 0.0
+    for x, y in merged[max(k, 0):]:
+        if x >= b:
+            break
+        total += max(0.0, min(y, b) - max(x, a))
+    return total
 
 
 def main():
@@ -103,9 +130,11 @@ def main():
         for g in r["largest_gaps"][:5]:
             print(f"  gap {g['ms']:7.1f} ms at {g['at_s']:.3f} s before {g['before']} ({g['launched_from']})")
     columns = "".join(f"  [{i}]" for i in range(len(results)))
-    print("\nHost ms per named span (measure/solve: each group's, by its first Linear):" + columns)
+    print("\nHost ms per named span (measure/solve: each group's, by its first Linear), and of it outside any"
+          " operation (Python, or waiting for the GIL):" + columns)
     for k in sorted({k for r in results for k in r["phase_ms"]}):
-        print(f"{k:70s}" + "".join(f"{r['phase_ms'].get(k, 0):9.1f}" for r in results))
+        print(f"{k:60s}" + "".join(f"{r['phase_ms'].get(k, 0):9.1f} ({r['between_ops_ms'].get(k, 0):6.1f})"
+                                   for r in results))
     names = sorted({k for r in results for k in r["kernel_ms"]},
                    key=lambda k: -max(r["kernel_ms"].get(k, 0) for r in results))
     print("\nGPU ms per kernel:" + "".join(f"  [{i}]" for i in range(len(results))))

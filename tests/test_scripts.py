@@ -13,7 +13,8 @@ from .conftest import ROOT
 def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path):
     """A synthetic layer trace: the main stream idles 5 ms between two kernels, a main-thread
     launch overlaps another thread's 4 ms pageable copy for 3 ms, an NCCL kernel runs 1 ms,
-    a named span of the main thread twice (2.5 ms together)."""
+    a named span of the main thread twice (2.5 ms together), and one whose operations fill
+    3.5 of its 10 ms (6.5 ms between them)."""
     X = "X"
     events = [
         {"ph": X, "cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 0, "dur": 10000},
@@ -29,6 +30,11 @@ def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path
         {"ph": X, "cat": "user_annotation", "name": "solve q_proj", "tid": 1, "ts": 0, "dur": 2000},
         {"ph": X, "cat": "user_annotation", "name": "solve q_proj", "tid": 1, "ts": 3000, "dur": 500},
         {"ph": X, "cat": "user_annotation", "name": "write back", "tid": 2, "ts": 0, "dur": 900},  # (not the main thread)
+        {"ph": X, "cat": "user_annotation", "name": "measure o_proj", "tid": 1, "ts": 20000, "dur": 10000},
+        {"ph": X, "cat": "cpu_op", "name": "aten::empty", "tid": 1, "ts": 20000, "dur": 2000},
+        {"ph": X, "cat": "cpu_op", "name": "aten::zero_", "tid": 1, "ts": 21000, "dur": 500},  # (inside the last)
+        {"ph": X, "cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 25000, "dur": 1000},
+        {"ph": X, "cat": "cpu_op", "name": "aten::mm", "tid": 1, "ts": 29500, "dur": 1500},  # (half outside)
     ]
     trace = tmp_path / "t.rank0.json.gz"
     with gzip.open(trace, "wt") as f:
@@ -39,8 +45,9 @@ def test_trace_summary_finds_the_gap_the_held_launch_and_the_collective(tmp_path
     s = json.loads(r.stdout)
     assert s["gaps_ms"] == 5.0 and s["largest_gaps"][0]["launched_from"] == "aten::mm > aten::cat"
     assert s["main_thread_held_by_other_threads_copies_ms"] == 3.0
-    assert s["nccl_ms"] == 1.0 and s["busy_s"] == {"7": 0.003} and s["span_s"] == 0.01
-    assert s["phase_ms"] == {"solve q_proj": 2.5}
+    assert s["nccl_ms"] == 1.0 and s["busy_s"] == {"7": 0.003} and s["span_s"] == 0.031
+    assert s["phase_ms"] == {"solve q_proj": 2.5, "measure o_proj": 10.0}
+    assert s["between_ops_ms"] == {"solve q_proj": 0.0, "measure o_proj": 6.5}  # (10 ms, ops 2 + 1 + 0.5 of it)
 
 
 @pytest.mark.slow  # (two interpreters importing torch: 6 s)
