@@ -164,11 +164,10 @@ def agree(group: Group, owner: dict[str, str]) -> dict[str, str]:
     Hessian): a rank that saw no token of an MoE expert in its first batch could not tell."""
     if group.size == 1:
         return owner
-    gathered: list = [None] * group.size
     with runtime.phase("agree"):
-        dist.all_gather_object(gathered, owner)
+        every = gathered(group, owner)
     union: dict[str, str] = {}
-    for o in gathered:
+    for o in every:
         union.update(o)
     return union
 

@@ -553,12 +553,12 @@ def _all_threads() -> typing.Any:
     the one that started it) and Python's garbage collections, where this torch has it."""
     from torch._C._profiler import _ExperimentalConfig
 
-    for flags in ({"profile_all_threads": True, "record_python_gc_info": True}, {"profile_all_threads": True}, {}):
+    for flags in ({"profile_all_threads": True, "record_python_gc_info": True}, {"profile_all_threads": True}):
         try:
             return _ExperimentalConfig(**flags)
         except TypeError:
             continue
-    return None
+    return None  # (the profiler's default)
 
 
 @contextlib.contextmanager
