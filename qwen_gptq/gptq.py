@@ -28,7 +28,7 @@ log = logging.getLogger("qwen_gptq")
 MAX_DAMP = 1.0  # dampening is doubled after a failed Cholesky, up to this fraction of mean(diag H)
 INVERSE_BLOCKS = 8  # column blocks of K⁻¹ per process computing it (upper_cholesky_of_inverse) ...
 INVERSE_BLOCKS_FROM = 16384  # ... from this many columns on (an H200: 8192² no faster blocked, 29568² 1.5x)
-CHOLESKY_SPLIT_FROM = 16384  # processes sharing Hinv split its Cholesky too from this many columns on
+CHOLESKY_SPLIT_FROM = 12288  # processes sharing Hinv split its Cholesky too from this many columns on (72B's 14784² halves too)
 SCHUR_BLOCKS = 8  # row blocks of the Schur complement per process (lower_cholesky)
 
 
@@ -411,9 +411,13 @@ def lower_cholesky(M: torch.Tensor, shared: Shared | None = None,
     M = [[A, Bᵀ], [B, C]] = [[L11, 0], [L21, L22]] [[L11ᵀ, L21ᵀ], [0, L22ᵀ]] with A half of
     M. Every process factors A (L11, an eighth of the whole's work), solves its rows of
     L21 = B L11⁻ᵀ and its row blocks of the lower triangle of S = C - L21 L21ᵀ (each summed
-    over the processes: exact, every entry from one), and factors S (L22, another eighth).
-    For two processes that is about 5/8 of the whole's work each: a 72B-shaped layer's
-    29568² down_proj Hessian took 0.23 s whole, on every rank.
+    over the processes: exact, every entry from one), and factors S (L22, another eighth);
+    A and S are themselves factored so when they are large enough. For two processes one
+    split leaves each about 5/8 of the whole's work, two about 0.55: a 72B-shaped layer's
+    29568² down_proj Hessian took 0.228 s whole, 0.163 s split once (halves of 14784) and
+    0.149 s split twice, and its Hinv 0.514, 0.344 and 0.330 s (two H200s,
+    scripts/bench_shared_inverse.py). Each split costs two all-reduces: 8192² Hessians
+    stay whole (split, 1 ms of 9 faster in isolation, no faster in a whole run).
     """
     n = M.shape[-1]
     if shared is None or shared.parts == 1 or n < CHOLESKY_SPLIT_FROM:
@@ -424,7 +428,7 @@ def lower_cholesky(M: torch.Tensor, shared: Shared | None = None,
     n1 = n // 2
     m = n - n1
     batch, like = M.shape[:-2], {"dtype": M.dtype, "device": M.device}
-    L11, info = torch.linalg.cholesky_ex(M[..., :n1, :n1])
+    L11, info = lower_cholesky(M[..., :n1, :n1], shared)  # (itself split, if large enough)
     L21 = torch.zeros(*batch, m, n1, **like)
     r0, r1 = (round(k * m / shared.parts) for k in (shared.part, shared.part + 1))
     if r1 > r0:
@@ -434,7 +438,7 @@ def lower_cholesky(M: torch.Tensor, shared: Shared | None = None,
     for a, b in schur_blocks(m, shared.part, shared.parts):  # (rows a..b, columns up to b: their lower triangle)
         S[..., a:b, :b] = M[..., n1 + a:n1 + b, n1:n1 + b] - L21[..., a:b, :] @ L21[..., :b, :].mT
     shared.combine(S)
-    L22, info2 = torch.linalg.cholesky_ex(S)
+    L22, info2 = lower_cholesky(S, shared)
     del S
     K = torch.zeros_like(M) if out is None else out
     K[..., :n1, n1:] = 0

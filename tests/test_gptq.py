@@ -100,8 +100,9 @@ def test_blocked_inverse_and_its_shares_give_the_cholesky_of_the_inverse(monkeyp
 
 def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
     """Hinv computed by three processes sharing the work (threads here, with a summing
-    collective as torch.distributed's all-reduce): the Cholesky split in halves (every
-    entry of each combined part from one process) and the blocked solve give every process
+    collective as torch.distributed's all-reduce): the Cholesky split in halves, the halves'
+    own factorizations split again (every entry of each combined part from one process),
+    and the blocked solve give every process
     the one-process Hinv; the Schur complement's row blocks cover its lower triangle once
     and are balanced."""
     import threading
@@ -135,7 +136,9 @@ def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert len(overlaps) == 3 * parts and max(overlaps) == 1  # L21, S, K⁻¹: each entry from one process
+    # L21 and S of the whole, of its leading half and of its Schur complement (both 100 columns, split again),
+    # and K⁻¹: each entry from one process
+    assert len(overlaps) == 7 * parts and max(overlaps) == 1
     for U, ok in results:
         assert ok.item() and torch.allclose(U, reference, rtol=0, atol=1e-10 * reference.abs().max())
     m = n - n // 2
