@@ -86,3 +86,22 @@ def test_make_deep_copy_repeats_layer_zero_and_refuses_a_deeper_source(tmp_path)
     r = subprocess.run([sys.executable, script, TINY, str(tmp_path / "x"), "3"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "expected a 1-layer model" in r.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bench_shared_inverse_reports_every_setting_and_the_shared_hinv_is_the_one_alone():
+    """scripts/bench_shared_inverse.py under torchrun (2 gloo processes, sizes that split
+    once and twice): a line per size and setting, and the Hinv the processes share equals
+    the one computed alone to float32 rounding, at every setting."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        str(ROOT / "scripts" / "bench_shared_inverse.py"), "--sizes", "300", "700",
+                        "--split-from", "512", "256", "0", "--repeat", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert [(x["n"], x["cholesky_split_from"]) for x in lines] == [
+        (n, s) for n in (300, 700) for s in (None, 512, 256, 0)]
+    assert all(x["max_rel_diff_from_alone"] < 1e-5 and x["hinv_s"] > 0 for x in lines), lines
