@@ -14,10 +14,12 @@ import contextlib
 import ctypes
 import errno
 import gzip
+import json
 import logging
 import os
 import resource
 import shutil
+import time
 import typing
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +43,8 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CACHE_ARGS = ("past_key_value", "past_key_values", "cache", "layer_past")  # KV caches: never kept
 PROFILE_ENV = "QWEN_GPTQ_PROFILE"  # developers: FILE, torch.profiler's tables and trace of one layer, FILE.rankN.*
 PROFILE_LAYER = 2  # the third layer: the first pays one-time costs, the second may still
+TIMELINE_ENV = "QWEN_GPTQ_TIMELINE"  # developers: FILE, every phase's edges, wall clock, FILE.rankN.jsonl
+TIMELINE = logging.getLogger("qwen_gptq.timeline")  # (handlers only while timeline() writes one)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -533,8 +537,47 @@ def host_memory_returned_on_free() -> None:
 
 def phase(name: str) -> contextlib.AbstractContextManager:
     """A named span in the profile's trace (QWEN_GPTQ_PROFILE; scripts/trace_summary.py
-    times each); a few microseconds otherwise, a handful of times per group."""
-    return torch.profiler.record_function(name)
+    times each) and, with QWEN_GPTQ_TIMELINE, the wall-clock times of its edges (see
+    timeline); a few microseconds otherwise, a handful of times per group."""
+    if not TIMELINE.handlers:
+        return torch.profiler.record_function(name)
+    return _stamped(name)
+
+
+@contextlib.contextmanager
+def _stamped(name: str) -> Iterator[None]:
+    TIMELINE.info('{"phase": %s, "edge": "in", "t": %.6f}', json.dumps(name), time.time())
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        TIMELINE.info('{"phase": %s, "edge": "out", "t": %.6f}', json.dumps(name), time.time())
+
+
+@contextlib.contextmanager
+def timeline(rank: int) -> Iterator[None]:
+    """With $QWEN_GPTQ_TIMELINE=FILE, for those who make several GPUs faster: every phase's
+    entry and exit (each layer, each group's measuring and solving, the write-back, the
+    forward, each collective), stamped with the wall clock, one JSON line each into
+    FILE.rankN.jsonl (scripts/timeline_summary.py sets the processes side by side). One
+    host's processes share that clock, so where one waits for another shows, to the
+    millisecond, and nothing else runs: torch.profiler's own cost fell on process 0's extra
+    threads and showed it lagging 0.1 s a 72B layer, where the stamps show 18 ms. A line is
+    written as it happens (a process that fails keeps what it wrote). Nothing otherwise."""
+    path = os.environ.get(TIMELINE_ENV)
+    if not path:
+        yield
+        return
+    handler = logging.FileHandler(f"{path}.rank{rank}.jsonl", mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    TIMELINE.setLevel(logging.INFO)
+    TIMELINE.propagate = False
+    TIMELINE.addHandler(handler)
+    try:
+        yield
+    finally:
+        TIMELINE.removeHandler(handler)
+        handler.close()
 
 
 def profiled(i: int, rank: int) -> contextlib.AbstractContextManager:
@@ -563,8 +606,6 @@ def _all_threads() -> typing.Any:
 
 @contextlib.contextmanager
 def _profile(path: Path) -> Iterator[None]:
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

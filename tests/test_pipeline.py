@@ -209,3 +209,38 @@ def test_a_modules_outputs_are_memoized_for_every_batch_or_for_none():
         forwards._keep("self_attn", ("self_attn", j), (torch.zeros(250), None))
     assert sorted(forwards._store) == [("self_attn", j) for j in range(4)] and forwards.held == 4000
     forwards.remove()
+
+
+def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp_path, monkeypatch):
+    """QWEN_GPTQ_TIMELINE=FILE: FILE.rank0.jsonl holds, for each of qwen2-tiny's 6 layers, the
+    layer's edges around its groups' measuring and solving and the forward, every edge in
+    time order and paired; after the run nothing stamps (no handler left, no file without
+    the variable)."""
+    import json
+
+    from qwen_gptq import runtime
+
+    from .conftest import cli
+
+    args = ("--model_name_or_path", TINY, "--data_path", CALIB, "--num-samples", "8", "--max_len", "64",
+            "--device", "cpu", "-q")
+    monkeypatch.setenv(runtime.TIMELINE_ENV, str(tmp_path / "tl"))
+    r = cli("quantize", *args, "--out_path", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [json.loads(x) for x in (tmp_path / "tl.rank0.jsonl").read_text().splitlines()]
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    open_ = []
+    for e in events:  # properly nested: each "out" closes the latest "in"
+        if e["edge"] == "in":
+            open_.append(e["phase"])
+        else:
+            assert open_.pop() == e["phase"], e
+    assert not open_
+    tops = [e["phase"] for e in events if e["phase"].startswith("layer ") and e["edge"] == "in"]
+    assert tops == [f"layer {i}" for i in range(6)]
+    names = {e["phase"] for e in events}
+    assert {"measure self_attn.q_proj", "solve self_attn.q_proj", "solve mlp.down_proj", "forward"} <= names
+    assert not runtime.TIMELINE.handlers
+    monkeypatch.delenv(runtime.TIMELINE_ENV)
+    r = cli("quantize", *args, "--out_path", tmp_path / "b")
+    assert r.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "tl.rank0.jsonl"]

@@ -105,3 +105,37 @@ def test_bench_shared_inverse_reports_every_setting_and_the_shared_hinv_is_the_o
     assert [(x["n"], x["cholesky_split_from"]) for x in lines] == [
         (n, s) for n in (300, 700) for s in (None, 512, 256, 0)]
     assert all(x["max_rel_diff_from_alone"] < 1e-5 and x["hinv_s"] > 0 for x in lines), lines
+
+
+def test_timeline_summary_sets_two_processes_side_by_side(tmp_path):
+    """Two processes' phase edges (runtime.timeline's lines), layer 1 known to the
+    millisecond: process 1 starts 5 ms later; process 0 waits 30 ms in `agree` for it, then
+    process 1 waits 4 ms in a broadcast's header; a phase that runs twice is summed."""
+    def lines(events):
+        return "\n".join(json.dumps({"phase": p, "edge": e, "t": 100 + t / 1000}) for p, e, t in events) + "\n"
+
+    zero = [("layer 0", "in", -50), ("measure a", "in", -49), ("measure a", "out", -20), ("layer 0", "out", -10)]
+    rank0 = zero + [("layer 1", "in", 0), ("measure a", "in", 1), ("measure a", "out", 20), ("agree", "in", 20),
+                    ("agree", "out", 50), ("solve a", "in", 50), ("broadcast header", "in", 60),
+                    ("broadcast header", "out", 61), ("solve a", "out", 70), ("forward", "in", 70),
+                    ("forward", "out", 80), ("forward", "in", 80), ("forward", "out", 85), ("layer 1", "out", 90)]
+    rank1 = zero + [("layer 1", "in", 5), ("measure a", "in", 6), ("measure a", "out", 49), ("agree", "in", 49),
+                    ("agree", "out", 50), ("solve a", "in", 50), ("broadcast header", "in", 56),
+                    ("broadcast header", "out", 60), ("solve a", "out", 70), ("forward", "in", 70),
+                    ("forward", "out", 90), ("layer 1", "out", 91)]
+    files = []
+    for r, events in enumerate((rank0, rank1)):
+        files.append(tmp_path / f"tl.rank{r}.jsonl")
+        files[-1].write_text(lines(events))
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_summary.py"), *map(str, files), "--layer", "1",
+                        "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    close = lambda a, b: all(abs(x - y) < 1e-3 for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert s["layer_index"] == 1 and close(s["start"], [0, 5]) and close(s["layer"], [90, 86])
+    assert close(s["collectives"], [31, 5])
+    assert list(s["phases"]) == ["measure a", "agree", "solve a", "broadcast header", "forward"]
+    assert close(s["phases"]["agree"], [30, 1]) and close(s["phases"]["forward"], [15, 20])
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_summary.py"), *map(str, files), "--layer", "7"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "layer 7" in p.stderr
