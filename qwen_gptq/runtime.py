@@ -568,7 +568,10 @@ def timeline(rank: int) -> Iterator[None]:
     if not path:
         yield
         return
-    handler = logging.FileHandler(f"{path}.rank{rank}.jsonl", mode="w", encoding="utf-8")
+    try:
+        handler = logging.FileHandler(f"{path}.rank{rank}.jsonl", mode="w", encoding="utf-8")
+    except OSError as e:
+        raise BadInput(f"{TIMELINE_ENV}={path}: cannot write {path}.rank{rank}.jsonl ({e.strerror})") from None
     handler.setFormatter(logging.Formatter("%(message)s"))
     TIMELINE.setLevel(logging.INFO)
     TIMELINE.propagate = False

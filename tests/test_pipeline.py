@@ -215,7 +215,7 @@ def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp
     """QWEN_GPTQ_TIMELINE=FILE: FILE.rank0.jsonl holds, for each of qwen2-tiny's 6 layers, the
     layer's edges around its groups' measuring and solving and the forward, every edge in
     time order and paired; after the run nothing stamps (no handler left, no file without
-    the variable)."""
+    the variable); a FILE that cannot be written is exit 2, naming the variable, no output."""
     import json
 
     from qwen_gptq import runtime
@@ -244,3 +244,6 @@ def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp
     monkeypatch.delenv(runtime.TIMELINE_ENV)
     r = cli("quantize", *args, "--out_path", tmp_path / "b")
     assert r.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "tl.rank0.jsonl"]
+    monkeypatch.setenv(runtime.TIMELINE_ENV, str(tmp_path / "missing" / "tl"))  # a directory that is not there
+    r = cli("quantize", *args, "--out_path", tmp_path / "c")
+    assert r.returncode == 2 and "QWEN_GPTQ_TIMELINE" in r.stderr and not (tmp_path / "c").exists(), r.stderr[-2000:]
