@@ -258,18 +258,17 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     bar = tqdm(range(len(layers)), desc="layers", disable=not terminal, dynamic_ncols=True)
     try:
         run.mover.to_device(layers[0])
-        with runtime.timeline(plan.group.rank):
-            for i in bar:
-                step = _replay_layer if i < done else _quantize_layer
-                with runtime.profiled(i, plan.group.rank), runtime.phase(f"layer {i}"):
-                    step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
-                losses = [s.loss for s in outcome.stats if s.layer == i]
-                mean = sum(losses) / max(1, len(losses))
-                bar.set_postfix(loss=f"{mean:.4g}")
-                if plan.progress and not terminal:
-                    log.info("layer %d/%d done in %.1f s, mean loss %.4g, host memory %.2f GB%s", i + 1, len(layers),
-                             outcome.layer_seconds[-1], mean, runtime.host_bytes() / 1e9,
-                             " (finished earlier)" if i < done else "")
+        for i in bar:
+            step = _replay_layer if i < done else _quantize_layer
+            with runtime.profiled(i, plan.group.rank), runtime.phase(f"layer {i}"):
+                step(run, i, layers[i], layers[i + 1] if i + 1 < len(layers) else None)
+            losses = [s.loss for s in outcome.stats if s.layer == i]
+            mean = sum(losses) / max(1, len(losses))
+            bar.set_postfix(loss=f"{mean:.4g}")
+            if plan.progress and not terminal:
+                log.info("layer %d/%d done in %.1f s, mean loss %.4g, host memory %.2f GB%s", i + 1, len(layers),
+                         outcome.layer_seconds[-1], mean, runtime.host_bytes() / 1e9,
+                         " (finished earlier)" if i < done else "")
         t0 = time.perf_counter()
         run.mover.wait_all()
         t["move"] += time.perf_counter() - t0

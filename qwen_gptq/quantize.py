@@ -115,7 +115,8 @@ def run(o: QuantizeOptions) -> dict:
     # (from here on, a failure leaves the process group as it is: see distributed.finish)
     if o.max_gpu_memory is not None and device.type == "cuda":
         runtime.limit_gpu_memory(device, o.gpu_memory_bytes)
-    result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
+    with runtime.timeline(ranks.rank):  # (QWEN_GPTQ_TIMELINE: its file opened, or refused, before the loading)
+        result = _run_checked(o, _Checked(model_dir, family, src_config, qconfig, device, samples, ranks), started)
     distributed.finish()
     return result
 

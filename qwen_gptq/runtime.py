@@ -546,12 +546,16 @@ def phase(name: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def _stamped(name: str) -> Iterator[None]:
-    TIMELINE.info('{"phase": %s, "edge": "in", "t": %.6f}', json.dumps(name), time.time())
+    _stamp(name, "in")
     try:
         with torch.profiler.record_function(name):
             yield
     finally:
-        TIMELINE.info('{"phase": %s, "edge": "out", "t": %.6f}', json.dumps(name), time.time())
+        _stamp(name, "out")
+
+
+def _stamp(name: str, edge: str) -> None:
+    TIMELINE.info('{"phase": %s, "edge": "%s", "t": %.6f}', json.dumps(name), edge, time.time())
 
 
 @contextlib.contextmanager
