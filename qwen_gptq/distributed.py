@@ -296,22 +296,27 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
     has_d = [cross and use and n > 0 for use, n in zip(paired, counts)]
     batches = [_batches(problems, [i for i, o in enumerate(owners) if o == r], counts, has_d)
                for r in range(group.size)]
-    hessians = _summed_at_owners(group, problems, batches, [n > 0 for n in counts], _products, device)
-    crosses = _summed_at_owners(group, problems, batches, has_d, _cross_products, device) if cross else {}
+    with runtime.phase("to owners"):
+        hessians = _summed_at_owners(group, problems, batches, [n > 0 for n in counts], _products, device)
+        crosses = _summed_at_owners(group, problems, batches, has_d, _cross_products, device) if cross else {}
     for p in problems:  # (what no rank uses: unpaired cross products)
         p.hessian = p.cross = None
     solved: dict[tuple[int, ...], list[GPTQResult]] = {}
-    for batch in batches[group.rank]:
-        scale = torch.tensor([2.0 / counts[i] if counts[i] else 0.0 for i in batch], dtype=torch.float32, device=device)
-        H = hessians.pop(tuple(batch)).mul_(scale[:, None, None]) if counts[batch[0]] else None
-        D = crosses.pop(tuple(batch)).mul_(scale[:, None, None]) if has_d[batch[0]] else None
-        solved[tuple(batch)] = _solve_batch(problems, batch, solve, H, D)
-        del H, D
+    with runtime.phase("solve owned"):
+        for batch in batches[group.rank]:
+            scale = torch.tensor([2.0 / counts[i] if counts[i] else 0.0 for i in batch], dtype=torch.float32,
+                                 device=device)
+            H = hessians.pop(tuple(batch)).mul_(scale[:, None, None]) if counts[batch[0]] else None
+            D = crosses.pop(tuple(batch)).mul_(scale[:, None, None]) if has_d[batch[0]] else None
+            solved[tuple(batch)] = _solve_batch(problems, batch, solve, H, D)
+            del H, D
     results: dict[int, GPTQResult] = {}
-    for r in range(group.size):
-        for batch in batches[r]:
-            sent = _broadcast(group, problems[batch[0]].shape, r, solved.pop(tuple(batch), None), device, len(batch))
-            results.update(zip(batch, sent))
+    with runtime.phase("results"):
+        for r in range(group.size):
+            for batch in batches[r]:
+                sent = _broadcast(group, problems[batch[0]].shape, r, solved.pop(tuple(batch), None), device,
+                                  len(batch))
+                results.update(zip(batch, sent))
     for i, n in enumerate(counts):
         yield results.pop(i), n
 
@@ -346,12 +351,14 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
         shared = Shared(group.rank, group.size, dist.all_reduce) if one_host(group) and all(
             r.stop > r.start for r in split_rows) and H is not None else None
         if rows.stop > rows.start:
-            mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
+            with runtime.phase("solve rows"):
+                mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
         del H, D
     for i, (p, n) in enumerate(zip(problems, counts)):
-        parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r, [mine.pop(i)] if r == group.rank else None,
-                            device)[0]
-                 for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
+        with runtime.phase("results"):
+            parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r,
+                                [mine.pop(i)] if r == group.rank else None, device)[0]
+                     for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
         yield _joined(parts), n
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import gc
 import gzip
 import json
 import logging
@@ -45,6 +46,7 @@ PROFILE_ENV = "QWEN_GPTQ_PROFILE"  # developers: FILE, torch.profiler's tables a
 PROFILE_LAYER = 2  # the third layer: the first pays one-time costs, the second may still
 TIMELINE_ENV = "QWEN_GPTQ_TIMELINE"  # developers: FILE, every phase's edges, wall clock, FILE.rankN.jsonl
 TIMELINE = logging.getLogger("qwen_gptq.timeline")  # (handlers only while timeline() writes one)
+TIMELINE_SYNC_ENV = "QWEN_GPTQ_TIMELINE_SYNC"  # developers: 1, each stamp waits for the GPU's queued work first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,8 +199,6 @@ def gpu_memory_figures(device: torch.device) -> str:
 
 def release_cached_memory(device: torch.device) -> None:
     """Hand cached blocks back, so that a retry starts from what is really in use."""
-    import gc
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -555,6 +555,8 @@ def _stamped(name: str) -> Iterator[None]:
 
 
 def _stamp(name: str, edge: str) -> None:
+    if os.environ.get(TIMELINE_SYNC_ENV) == "1" and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()  # (this thread's GPU work counts in its phase; the mover's not)
     TIMELINE.info('{"phase": %s, "edge": "%s", "t": %.6f}', json.dumps(name), edge, time.time())
 
 
@@ -562,12 +564,18 @@ def _stamp(name: str, edge: str) -> None:
 def timeline(rank: int) -> Iterator[None]:
     """With $QWEN_GPTQ_TIMELINE=FILE, for those who make several GPUs faster: every phase's
     entry and exit (each layer, each group's measuring and solving, the write-back, the
-    forward, each collective), stamped with the wall clock, one JSON line each into
-    FILE.rankN.jsonl (scripts/timeline_summary.py sets the processes side by side). One
+    forward, each collective, the garbage collector's full passes as "gc"), stamped with
+    the wall clock, one JSON line each into FILE.rankN.jsonl (scripts/timeline_summary.py
+    sets the processes side by side). One
     host's processes share that clock, so where one waits for another shows, to the
     millisecond, and nothing else runs: torch.profiler's own cost fell on process 0's extra
     threads and showed it lagging 0.1 s a 72B layer, where the stamps show 18 ms. A line is
-    written as it happens (a process that fails keeps what it wrote). Nothing otherwise."""
+    written as it happens (a process that fails keeps what it wrote). Nothing otherwise.
+
+    The stamps are the host's: a phase that only queues GPU work looks short, and the next
+    one that waits for it looks long. With $QWEN_GPTQ_TIMELINE_SYNC=1 each stamp first waits
+    for the main stream's queued work, so that every phase holds its own GPU time (and the overlaps are gone: for
+    attributing, not for timing the whole)."""
     path = os.environ.get(TIMELINE_ENV)
     if not path:
         yield
@@ -580,11 +588,19 @@ def timeline(rank: int) -> Iterator[None]:
     TIMELINE.setLevel(logging.INFO)
     TIMELINE.propagate = False
     TIMELINE.addHandler(handler)
+    gc.callbacks.append(_stamp_full_collection)
     try:
         yield
     finally:
+        gc.callbacks.remove(_stamp_full_collection)
         TIMELINE.removeHandler(handler)
         handler.close()
+
+
+def _stamp_full_collection(edge: str, info: dict) -> None:
+    """The garbage collector's full passes, as a phase "gc" (they stall every thread)."""
+    if info.get("generation") == 2:
+        _stamp("gc", "in" if edge == "start" else "out")
 
 
 def profiled(i: int, rank: int) -> contextlib.AbstractContextManager:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-COLLECTIVES = ("agree", "all-reduce", "reduce-scatter", "broadcast header")
+COLLECTIVES = ("agree", "all-reduce", "reduce-scatter", "broadcast header", "compare")
 
 
 def read(path: Path) -> list[dict]:
@@ -40,18 +40,28 @@ def layers(events: list[dict]) -> dict[int, list[dict]]:
     return out
 
 
-def summary(per_rank: list[list[dict]]) -> dict:
+def summary(per_rank: list[list[dict]], nested: bool = False) -> dict:
     """One layer's events of each process -> {"start", "layer", "collectives": ms per
-    process, "phases": {phase: ms per process}}."""
+    process, "phases": {phase: ms per process}}. nested: a phase inside others is named by
+    its path ("solve mlp.down_proj / results"), not summed with its namesakes elsewhere."""
     starts = [ev[0]["t"] for ev in per_rank]
     first = min(starts)
     phases: dict[str, list[float]] = {}
     waits, totals = [], []
     for r, ev in enumerate(per_rank):
         opened: dict[str, list[float]] = {}
+        path: list[str] = []  # the phases open now, outermost first (the layer's own left out)
         waited = 0.0
         for e in ev:
             name = e["phase"]
+            collective = name in COLLECTIVES
+            if nested and not name.startswith("layer "):
+                if e["edge"] == "in":
+                    path.append(name)
+                    name = " / ".join(path)
+                else:
+                    name = " / ".join(path)
+                    path.pop()
             if e["edge"] == "in":
                 opened.setdefault(name, []).append(e["t"])
                 if not name.startswith("layer "):
@@ -62,7 +72,7 @@ def summary(per_rank: list[list[dict]]) -> dict:
                 totals.append(took)
                 continue
             phases[name][r] += took
-            if name in COLLECTIVES:
+            if collective:
                 waited += took
         waits.append(waited)
     return {"start": [1000 * (s - first) for s in starts], "layer": totals, "collectives": waits, "phases": phases}
@@ -72,6 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="FILE.rankN.jsonl, one per process, in rank order")
     p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--nested", action="store_true", help="name each phase by the phases it is inside")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     per_file = [layers(read(f)) for f in a.files]
@@ -81,16 +92,17 @@ def main() -> None:
             sys.exit(f"layer {a.layer} is not in every file (they share layers {common})")
         common = [a.layer]
     for i in common:
-        s = summary([x[i] for x in per_file])
+        s = summary([x[i] for x in per_file], a.nested)
         if a.json:
             print(json.dumps({"layer_index": i, **s}))
             continue
-        head = "".join(f"{f'process {r}':>12}" for r in range(len(a.files)))
-        print(f"layer {i} (ms){'':<21}{head}")
         rows = [("started after the first", s["start"]), ("layer", s["layer"]),
                 ("in collectives (waiting)", s["collectives"]), *s["phases"].items()]
+        width = max(34, *(len(name) for name, _ in rows))
+        head = "".join(f"{f'process {r}':>12}" for r in range(len(a.files)))
+        print(f"{f'layer {i} (ms)':<{width + 2}}{head}")
         for name, values in rows:
-            print(f"  {name[:34]:<34}" + "".join(f"{v:12.1f}" for v in values))
+            print(f"  {name:<{width}}" + "".join(f"{v:12.1f}" for v in values))
 
 
 if __name__ == "__main__":

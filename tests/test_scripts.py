@@ -136,6 +136,11 @@ def test_timeline_summary_sets_two_processes_side_by_side(tmp_path):
     assert close(s["collectives"], [31, 5])
     assert list(s["phases"]) == ["measure a", "agree", "solve a", "broadcast header", "forward"]
     assert close(s["phases"]["agree"], [30, 1]) and close(s["phases"]["forward"], [15, 20])
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_summary.py"), *map(str, files), "--layer", "1",
+                        "--json", "--nested"], capture_output=True, text=True)
+    s = json.loads(p.stdout)  # the header's broadcast named by its group; the waits counted as before
+    assert list(s["phases"]) == ["measure a", "agree", "solve a", "solve a / broadcast header", "forward"]
+    assert close(s["phases"]["solve a / broadcast header"], [1, 4]) and close(s["collectives"], [31, 5])
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_summary.py"), *map(str, files), "--layer", "7"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "layer 7" in p.stderr
