@@ -10,11 +10,15 @@ over the ranks, and the GPTQ problems are spread over them:
   problems in batches of one shape, as one process does, and sends each batch's results
   in one broadcast per tensor;
 - a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
-  its rows split over the ranks: the Hessian is all-reduced and each rank solves its
-  rows (rows are independent given H).
+  its Hessian all-reduced; from SPLIT_ROWS_FROM columns on, its rows are split over the
+  ranks and each rank solves its rows (rows are independent given H); a smaller one
+  (an MoE layer's attention) is solved whole by every rank, which is sooner than waiting
+  for each other's halves.
 
 Then each result is broadcast from its solver, so that every rank continues with the
-same quantized weights. Rank 0 alone writes (work directory, output). Per layer the
+same quantized weights (a problem every rank solved whole is checked to have come out
+the same bits everywhere instead: a digest of each result, compared; rank 0's is sent
+where they differ). Rank 0 alone writes (work directory, output). Per layer the
 ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
 Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
 quantized weights (one byte per weight for the codes, plus a scale and zero point per
@@ -324,7 +328,8 @@ def _solve_spread(group: Group, problems: list[Problem], solve: Solve,
 def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: list[int],
                  with_d: list[bool]) -> Iterator[tuple[GPTQResult, int]]:
     """Fewer problems than ranks (a dense layer's groups): each problem's Hessian (and,
-    with_d, cross products) summed on every rank (all-reduce), its rows split over the ranks."""
+    with_d, cross products) summed on every rank (all-reduce), its rows split over the ranks
+    (from SPLIT_ROWS_FROM columns on; a smaller problem solved whole by every rank)."""
     device = problems[0].weights[0].device
     hessians: list[torch.Tensor | None] = []
     crosses: list[torch.Tensor | None] = []
@@ -340,6 +345,11 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
     for i, p in enumerate(problems):
         H, hessians[i] = hessians[i], None
         D, crosses[i] = crosses[i], None
+        if p.shape[1] < SPLIT_ROWS_FROM:
+            with runtime.phase("solve whole"):
+                mine[i] = solve([p.name], p.stacked()[None], _one(H), _one(D), None)[0]
+            del H, D
+            continue
         split_rows = _rows(group, p.shape[0])
         rows = split_rows[group.rank]
         # Hinv, the one step that is the same on every rank, is shared too (its
@@ -355,11 +365,38 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
                 mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
         del H, D
     for i, (p, n) in enumerate(zip(problems, counts)):
+        if p.shape[1] < SPLIT_ROWS_FROM:
+            yield _the_same_everywhere(group, p, mine.pop(i), device), n
+            continue
         with runtime.phase("results"):
             parts = [_broadcast(group, (rows.stop - rows.start, p.shape[1]), r,
                                 [mine.pop(i)] if r == group.rank else None, device)[0]
                      for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
         yield _joined(parts), n
+
+
+def _the_same_everywhere(group: Group, p: Problem, mine: GPTQResult, device: torch.device) -> GPTQResult:
+    """A result every rank computed from the same W and H: the same bits on every rank
+    where the kernels are deterministic (the same GPU model, the same libraries), checked
+    by a digest of its codes and parameters (one tiny all-gather); where the digests
+    differ, every rank takes rank 0's (broadcast), so that all continue with one weight."""
+    digest = torch.stack([_digest(mine.Q), _digest(mine.scale.view(torch.int32)), _digest(mine.zero),
+                          _digest(mine.g_idx)])
+    every = torch.empty(group.size * digest.numel(), dtype=digest.dtype, device=device)
+    with runtime.phase("compare"):
+        dist.all_gather_into_tensor(every, digest)
+        same = bool((every.view(group.size, -1) == digest).all().item())
+    if same:
+        return mine
+    log.warning("%s: the processes solved it to different bits (different GPUs or libraries?); all take process "
+                "0's", p.name)
+    return _broadcast(group, p.shape, 0, [mine] if group.main else None, device)[0]
+
+
+def _digest(t: torch.Tensor) -> torch.Tensor:
+    """A position-weighted sum of t's integers (int64, wrapping alike everywhere)."""
+    flat = t.reshape(-1).to(torch.int64)
+    return (flat * (torch.arange(flat.numel(), device=t.device, dtype=torch.int64) % 65521 + 1)).sum()
 
 
 def _products(p: Problem) -> torch.Tensor | None:
@@ -380,6 +417,13 @@ def _all_summed(t: torch.Tensor | None, columns: int, n: int, device: torch.devi
         dist.all_reduce(t)
     return t.mul_(2.0 / n)
 
+
+# A dense group's problem is split by rows from this many columns on; a smaller one is solved
+# whole by every rank. Split, a Qwen3-30B-A3B layer's attention (2048 and 4096 columns) took no
+# less solving on each rank than whole (launches, not arithmetic), and the ranks then waited
+# for each other's halves: its layer took 0.88-0.92 s on two H200s, 0.67-0.68 s solved whole
+# (one GPU: 1.02-1.16 s). At 8192 columns (Qwen2.5-72B) splitting still halves the work.
+SPLIT_ROWS_FROM = 8192
 
 REDUCE_PIECE_BYTES = 256 << 20  # each rank's part of one reduce-scatter of owned problems' Hessians, at most
 

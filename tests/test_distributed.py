@@ -89,7 +89,7 @@ def _experts(out):
 @pytest.mark.slow
 def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path):
     """An MoE model's experts, each solved by one of 2 processes (their Hessians summed at
-    the owner by reduce-scatters), its attention's rows split: the same experts fall back to
+    the owner by reduce-scatters), its attention solved whole by each: the same experts fall back to
     round-to-nearest as in one process, layer 0's experts get the same codes but for
     summation-order ties, and a second 2-process run writes the very same packed tensors."""
     src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
@@ -197,6 +197,7 @@ from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
 solver.CHOLESKY_SPLIT_FROM = 32  # ... and its Cholesky
 distributed.REDUCE_PIECE_BYTES = 64 * 64 * 4  # owners' Hessians: a problem a piece, padded where a rank has fewer
+distributed.SPLIT_ROWS_FROM = 64  # a 64-column problem alone is split by rows; a 32-column one solved whole
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 cfg = QuantConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0)
@@ -218,11 +219,17 @@ def problems(rows):
         out.append(distributed.Problem(f"p{k}", [W], h if len(x) else None, c if len(x) else None))
     return out
 
-solve = lambda names, W, H, D, shared: gptq_batch(W, H, cfg, D=D, shared=shared)
+def solve(names, W, H, D, shared):
+    out = gptq_batch(W, H, cfg, D=D, shared=shared)
+    if label == "diverging" and group.rank == 1:  # (a GPU that computes other bits)
+        out[0].Q[0, 0] = (out[0].Q[0, 0] + 1) % 8
+    return out
+
 mine = slice(group.rank * n // group.size, (group.rank + 1) * n // group.size)
 report = {}
-# 4 problems (two sizes of Hessian, one seen by one rank alone): owners; 1 problem: rows split
-for label, chosen in (("owners", [0, 1, 2, 3]), ("split", [0])):
+# 4 problems (two sizes of Hessian, one seen by one rank alone): owners; 1 problem: rows split;
+# 1 small problem: solved whole by every rank, alike or (diverging) not
+for label, chosen in (("owners", [0, 1, 2, 3]), ("split", [0]), ("whole", [3]), ("diverging", [3])):
     spread = [r for r, _ in distributed.solve_all(group, [problems(mine)[k] for k in chosen], solve, cross=True)]
     local = [r for r, _ in distributed.solve_all(distributed.Group(), [problems(slice(None))[k] for k in chosen], solve,
                                                   cross=True)]
@@ -249,9 +256,11 @@ distributed.finish()
 @pytest.mark.slow
 def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     """GPTAQ across 2 processes (gloo): each rank accumulates H and D over its half of the
-    rows; spread over owners or split by rows (Hinv's Cholesky and solve shared), the result is the one
-    process's (codes equal but for summation-order ties), the same weights on every rank, and
-    fits the full-precision outputs better than plain GPTQ."""
+    rows; spread over owners, split by rows (Hinv's Cholesky and solve shared) or solved whole
+    by each rank (and, where one rank's bits differ, rank 0's taken by all, with a warning
+    naming the problem), the result is the one process's (codes equal but for summation-order
+    ties), the same weights on every rank, and fits the full-precision outputs better than
+    plain GPTQ."""
     script = tmp_path / "solve.py"
     script.write_text(SOLVE_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -259,6 +268,8 @@ def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
                         str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert list(report) == ["owners", "split", "whole", "diverging"]
+    assert r.stderr.count("p3: the processes solved it to different bits") == 2  # (diverging only; each process says it here)
     for label, fig in report.items():
         assert fig["ranks_agree"], (label, fig)  # every rank continues with the same weights
         assert fig["same_codes"] > 0.99, (label, fig)
