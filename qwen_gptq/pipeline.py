@@ -256,6 +256,7 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     # A bar on a terminal; one plain line per layer in logs (carriage returns flood them).
     terminal = plan.progress and sys.stderr.isatty()
     bar = tqdm(range(len(layers)), desc="layers", disable=not terminal, dynamic_ncols=True)
+    runtime.freeze_heap()  # (what lives now, the model and the calibration data, lives to the end)
     try:
         run.mover.to_device(layers[0])
         for i in bar:
@@ -273,6 +274,7 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
         run.mover.wait_all()
         t["move"] += time.perf_counter() - t0
     finally:
+        runtime.thaw_heap()
         run.mover.close()
         bar.close()
         fastpath.clear_caches()

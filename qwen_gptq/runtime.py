@@ -535,6 +535,22 @@ def host_memory_returned_on_free() -> None:
         pass
 
 
+def freeze_heap() -> None:
+    """Exempt every object alive now from Python's cyclic garbage collector's full passes
+    (gc.freeze), after one last collection. A full pass walks every tracked object: with a
+    model's modules and the calibration data alive, that stalled a Qwen3-30B-A3B-shaped
+    layer for 0.25 s once per process, and on two GPUs the other process waited as long
+    (each pass at another layer: both layers lost it). What is frozen is still freed by
+    reference counting, as nearly everything is; only cycles among it wait for thaw_heap."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Undo freeze_heap (the frozen objects are collected as usual again)."""
+    gc.unfreeze()
+
+
 def phase(name: str) -> contextlib.AbstractContextManager:
     """A named span in the profile's trace (QWEN_GPTQ_PROFILE; scripts/trace_summary.py
     times each) and, with QWEN_GPTQ_TIMELINE, the wall-clock times of its edges (see
