@@ -10,7 +10,7 @@ over the ranks, and the GPTQ problems are spread over them:
   problems in batches of one shape, as one process does, and sends each batch's results
   in one broadcast per tensor;
 - a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
-  its Hessian all-reduced; from SPLIT_ROWS_FROM columns on, its rows are split over the
+  its Hessian all-reduced; from SPLIT_ROWS_FROM weights on, its rows are split over the
   ranks and each rank solves its rows (rows are independent given H); a smaller one
   (an MoE layer's attention) is solved whole by every rank, which is sooner than waiting
   for each other's halves.
@@ -329,7 +329,7 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
                  with_d: list[bool]) -> Iterator[tuple[GPTQResult, int]]:
     """Fewer problems than ranks (a dense layer's groups): each problem's Hessian (and,
     with_d, cross products) summed on every rank (all-reduce), its rows split over the ranks
-    (from SPLIT_ROWS_FROM columns on; a smaller problem solved whole by every rank)."""
+    (from SPLIT_ROWS_FROM weights on; a smaller problem solved whole by every rank)."""
     device = problems[0].weights[0].device
     hessians: list[torch.Tensor | None] = []
     crosses: list[torch.Tensor | None] = []
@@ -345,7 +345,7 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
     for i, p in enumerate(problems):
         H, hessians[i] = hessians[i], None
         D, crosses[i] = crosses[i], None
-        if p.shape[1] < SPLIT_ROWS_FROM:
+        if _whole(p):
             with runtime.phase("solve whole"):
                 mine[i] = solve([p.name], p.stacked()[None], _one(H), _one(D), None)[0]
             del H, D
@@ -365,7 +365,7 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
                 mine[i] = solve([p.name], p.stacked()[rows][None], _one(H), _one(D), shared)[0]
         del H, D
     for i, (p, n) in enumerate(zip(problems, counts)):
-        if p.shape[1] < SPLIT_ROWS_FROM:
+        if _whole(p):
             yield _the_same_everywhere(group, p, mine.pop(i), device), n
             continue
         with runtime.phase("results"):
@@ -373,6 +373,11 @@ def _solve_split(group: Group, problems: list[Problem], solve: Solve, counts: li
                                 [mine.pop(i)] if r == group.rank else None, device)[0]
                      for r, rows in enumerate(_rows(group, p.shape[0])) if rows.stop > rows.start]
         yield _joined(parts), n
+
+
+def _whole(p: Problem) -> bool:
+    """Whether every rank solves p whole (small: see SPLIT_ROWS_FROM)."""
+    return p.shape[0] * p.shape[1] < SPLIT_ROWS_FROM
 
 
 def _the_same_everywhere(group: Group, p: Problem, mine: GPTQResult, device: torch.device) -> GPTQResult:
@@ -418,12 +423,13 @@ def _all_summed(t: torch.Tensor | None, columns: int, n: int, device: torch.devi
     return t.mul_(2.0 / n)
 
 
-# A dense group's problem is split by rows from this many columns on; a smaller one is solved
-# whole by every rank. Split, a Qwen3-30B-A3B layer's attention (2048 and 4096 columns) took no
-# less solving on each rank than whole (launches, not arithmetic), and the ranks then waited
-# for each other's halves: its layer took 0.88-0.92 s on two H200s, 0.67-0.68 s solved whole
-# (one GPU: 1.02-1.16 s). At 8192 columns (Qwen2.5-72B) splitting still halves the work.
-SPLIT_ROWS_FROM = 8192
+# A dense group's problem is split by rows from this many weights (rows × columns) on; a
+# smaller one is solved whole by every rank. Split, a Qwen3-30B-A3B layer's attention (q/k/v
+# 10.5 M weights, o 8.4 M) took no less solving on each rank than whole (launches, not
+# arithmetic), and the ranks then waited for each other's halves: its layer took 0.88-0.92 s
+# on two H200s, 0.67-0.68 s solved whole (one GPU: 1.02-1.16 s). Qwen2.5-72B's (67 M and up)
+# still halve when split; Qwen2.5-7B's (12.8 M and up), measured split, stay so.
+SPLIT_ROWS_FROM = 12 << 20
 
 REDUCE_PIECE_BYTES = 256 << 20  # each rank's part of one reduce-scatter of owned problems' Hessians, at most
 

@@ -197,7 +197,7 @@ from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
 solver.CHOLESKY_SPLIT_FROM = 32  # ... and its Cholesky
 distributed.REDUCE_PIECE_BYTES = 64 * 64 * 4  # owners' Hessians: a problem a piece, padded where a rank has fewer
-distributed.SPLIT_ROWS_FROM = 64  # a 64-column problem alone is split by rows; a 32-column one solved whole
+distributed.SPLIT_ROWS_FROM = 2048  # weights: a 48 x 64 problem alone is split by rows; a 40 x 32 one solved whole
 group, _ = distributed.init(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 cfg = QuantConfig(bits=3, group_size=32, gptaq=True, gptaq_alpha=1.0)
