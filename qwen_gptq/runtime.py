@@ -539,7 +539,7 @@ def freeze_heap() -> None:
     """Exempt every object alive now from Python's cyclic garbage collector's full passes
     (gc.freeze), after one last collection. A full pass walks every tracked object: with a
     model's modules and the calibration data alive, that stalled a Qwen3-30B-A3B-shaped
-    layer for 0.25 s once per process, and on two GPUs the other process waited as long
+    layer for 0.2 s once per process, and on two GPUs the other process waited as long
     (each pass at another layer: both layers lost it). What is frozen is still freed by
     reference counting, as nearly everything is; only cycles among it wait for thaw_heap."""
     gc.collect()
@@ -590,8 +590,8 @@ def timeline(rank: int) -> Iterator[None]:
 
     The stamps are the host's: a phase that only queues GPU work looks short, and the next
     one that waits for it looks long. With $QWEN_GPTQ_TIMELINE_SYNC=1 each stamp first waits
-    for the main stream's queued work, so that every phase holds its own GPU time (and the overlaps are gone: for
-    attributing, not for timing the whole)."""
+    for the current stream's queued work, so that every phase holds its own GPU time (and the
+    overlaps are gone: for attributing, not for timing the whole)."""
     path = os.environ.get(TIMELINE_ENV)
     if not path:
         yield

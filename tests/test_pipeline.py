@@ -213,9 +213,10 @@ def test_a_modules_outputs_are_memoized_for_every_batch_or_for_none():
 
 def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp_path, monkeypatch):
     """QWEN_GPTQ_TIMELINE=FILE: FILE.rank0.jsonl holds, for each of qwen2-tiny's 6 layers, the
-    layer's edges around its groups' measuring and solving and the forward, every edge in
-    time order and paired; after the run nothing stamps (no handler left, no file without
+    layer's edges around its groups' measuring and solving and the forward, and the garbage
+    collector's full passes, every edge in time order and paired; after the run nothing stamps (no handler left, no file without
     the variable); a FILE that cannot be written is exit 2, naming the variable, no output."""
+    import gc
     import json
 
     from qwen_gptq import runtime
@@ -240,7 +241,8 @@ def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp
     assert tops == [f"layer {i}" for i in range(6)]
     names = {e["phase"] for e in events}
     assert {"measure self_attn.q_proj", "solve self_attn.q_proj", "solve mlp.down_proj", "forward"} <= names
-    assert not runtime.TIMELINE.handlers
+    assert "gc" in names  # (the full pass before the layers: runtime.freeze_heap)
+    assert not runtime.TIMELINE.handlers and runtime._stamp_full_collection not in gc.callbacks
     monkeypatch.delenv(runtime.TIMELINE_ENV)
     r = cli("quantize", *args, "--out_path", tmp_path / "b")
     assert r.returncode == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "tl.rank0.jsonl"]
