@@ -9,8 +9,10 @@ the processes of one host share that clock. For the layer asked (every layer wit
 --layer), one row per phase in the order the processes ran them, one column per process,
 milliseconds: when the layer started (after the earliest process), the layer, each phase's
 time (summed over its occurrences; nested phases count in their parents too), and the time
-inside collectives, most of which is one process waiting for another. --json prints the
-same as one JSON object per layer.
+inside collectives, most of which is one process waiting for another. --nested names each
+phase by the phases it is inside ("solve mlp.down_proj / results"), so that the steps of
+different groups are not summed together. --json prints the same as one JSON object per
+layer.
 """
 
 import argparse

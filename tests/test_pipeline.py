@@ -214,8 +214,9 @@ def test_a_modules_outputs_are_memoized_for_every_batch_or_for_none():
 def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp_path, monkeypatch):
     """QWEN_GPTQ_TIMELINE=FILE: FILE.rank0.jsonl holds, for each of qwen2-tiny's 6 layers, the
     layer's edges around its groups' measuring and solving and the forward, and the garbage
-    collector's full passes, every edge in time order and paired; after the run nothing stamps (no handler left, no file without
-    the variable); a FILE that cannot be written is exit 2, naming the variable, no output."""
+    collector's full passes, every edge in time order and paired; after the run nothing
+    stamps (no handler or callback left, no file without the variable); a FILE that cannot
+    be written is exit 2, naming the variable, no output."""
     import gc
     import json
 
@@ -253,7 +254,7 @@ def test_the_timeline_stamps_every_layer_and_phase_and_is_gone_after_the_run(tmp
 
 def test_the_heap_is_frozen_while_layers_are_quantized_and_thawed_after(monkeypatch):
     """No full garbage-collection pass walks the model and the calibration data between
-    layers (one stalled a Qwen3-30B-A3B layer 0.25 s, on every process): while a layer is
+    layers (one stalled a Qwen3-30B-A3B layer 0.2 s, on every process): while a layer is
     quantized the objects alive before the loop, the model's layers among them, are frozen
     (gc.freeze); afterwards nothing is, also when quantizing fails."""
     import gc
