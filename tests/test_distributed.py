@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwen_gptq import distributed, resume
 
@@ -130,7 +131,8 @@ def _children(pid):
 @pytest.mark.slow
 def test_a_rank_that_dies_ends_the_job(tmp_path):
     """SIGKILL rank 1 once layer 0 is done: the job exits non-zero in bounded time, no output
-    directory appears, the finished layers stay for the next run."""
+    directory appears, the finished layers stay for the next run, and that run gives every
+    tensor of an uninterrupted one."""
     out = tmp_path / "q"
     p = _torchrun(2, out, "--num-samples", "16", "--max_len", "128")
     deadline = time.monotonic() + 300
@@ -146,7 +148,21 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
     assert time.monotonic() - killed < 60
     assert "internal error" not in stderr, stderr[-3000:]  # (rank 0, if it sees rank 1 go before it is stopped)
     assert not out.exists(), list(tmp_path.iterdir())
-    assert resume.WorkDir(resume.work_path(out)).finished() >= 1
+    finished = resume.WorkDir(resume.work_path(out)).finished()
+    assert finished >= 1
+    for run in (out, tmp_path / "whole"):
+        p = _torchrun(2, run, "--num-samples", "16", "--max_len", "128", "--json", "-q")
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    a, b = _all_tensors(out), _all_tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), finished
+    assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.float16}  # (--dtype's)
+
+
+def _all_tensors(directory):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 FAILING_RANK_SCRIPT = """
