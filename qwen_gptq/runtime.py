@@ -46,7 +46,7 @@ PROFILE_ENV = "QWEN_GPTQ_PROFILE"  # developers: FILE, torch.profiler's tables a
 PROFILE_LAYER = 2  # the third layer: the first pays one-time costs, the second may still
 TIMELINE_ENV = "QWEN_GPTQ_TIMELINE"  # developers: FILE, every phase's edges, wall clock, FILE.rankN.jsonl
 TIMELINE = logging.getLogger("qwen_gptq.timeline")  # (handlers only while timeline() writes one)
-TIMELINE_SYNC_ENV = "QWEN_GPTQ_TIMELINE_SYNC"  # developers: 1, each stamp waits for the GPU's queued work first
+TIMELINE_SYNC_ENV = "QWEN_GPTQ_TIMELINE_SYNC"  # developers: 1, each stamp first waits for its CUDA stream's work
 
 
 def resolve_device(name: str) -> torch.device:

@@ -86,6 +86,15 @@ def make_tiny(directory, model_type, tied=False, **extra):
     return directory
 
 
+def all_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files, by name, whatever the sharding."""
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
 def packed_digest(directory) -> str:
     """sha256 over every packed tensor (qweight/qzeros/scales/g_idx) of a checkpoint:
     name, dtype, shape and bytes, in name order, whatever the sharding."""

@@ -14,7 +14,7 @@ import torch
 
 from qwen_gptq import distributed, resume
 
-from .conftest import CALIB, EVAL_TEXT, TINY, cli, make_tiny, packed_digest, quantize_cli
+from .conftest import CALIB, EVAL_TEXT, TINY, all_tensors, cli, make_tiny, packed_digest, quantize_cli
 
 ARGS = ("--model_name_or_path", TINY, "--data_path", CALIB, "--device", "cpu")
 
@@ -78,11 +78,9 @@ def test_two_processes_match_one(tmp_path, w4_ppl):
 
 def _experts(out):
     """Layer 0's experts' weights as a loader computes them, by name."""
-    from safetensors.torch import load_file
-
     from qwen_gptq.gptq_v1 import dequantize_linear
 
-    t = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    t = all_tensors(out)
     names = sorted(k[:-len(".qweight")] for k in t if ".layers.0.mlp.experts." in k and k.endswith(".qweight"))
     return {n: dequantize_linear(*(t[f"{n}.{x}"] for x in ("qweight", "qzeros", "scales", "g_idx")), bits=4) for n in names}
 
@@ -154,15 +152,9 @@ def test_a_rank_that_dies_ends_the_job(tmp_path):
         p = _torchrun(2, run, "--num-samples", "16", "--max_len", "128", "--json", "-q")
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr[-3000:]
-    a, b = _all_tensors(out), _all_tensors(tmp_path / "whole")
+    a, b = all_tensors(out), all_tensors(tmp_path / "whole")
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), finished
     assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.float16}  # (--dtype's)
-
-
-def _all_tensors(directory):
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 FAILING_RANK_SCRIPT = """

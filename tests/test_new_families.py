@@ -7,14 +7,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from qwen_gptq import hf
 from qwen_gptq.families import decoder_layers, family_for, layer_groups
 from qwen_gptq.gptq import QuantConfig, rtn
 from qwen_gptq.gptq_v1 import MIN_ZERO
 
-from .conftest import CALIB, EVAL_TEXT, cli, quantize_cli, verify_cli
+from .conftest import CALIB, EVAL_TEXT, all_tensors, cli, quantize_cli, verify_cli
 from .fixtures.make_families import FIXTURES, MTP_TENSORS, make_fixture
 
 # What vLLM and every public quantized release expect (written here independently of the
@@ -24,14 +23,6 @@ QUANTIZED = re.compile(r"(self_attn\.[qkvo]_proj|linear_attn\.(in_proj_qkvz|in_p
 KEPT = re.compile(r"(linear_attn\.in_proj_(a|b|ba)|mlp\.gate|mlp\.shared_expert_gate)$")
 LAYER = re.compile(r"^(model\.language_model\.layers|model\.layers)\.(\d+)\.(.+)$")
 OUTSIDE = ("model.visual.", "visual.", "mtp.")
-
-
-def _tensors(directory):
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def outputs(tmp_path_factory):
 def test_quantizes_the_language_model_and_keeps_the_rest(outputs, model_type):
     src, out, report = outputs(model_type)
     assert report["family"] == model_type and report["rtn_fallbacks"] == []
-    source, stored = _tensors(src), _tensors(out)
+    source, stored = all_tensors(src), all_tensors(out)
 
     quantized = {k[: -len(".qweight")] for k in stored if k.endswith(".qweight")}
     for name in quantized:
@@ -135,7 +126,7 @@ def test_a_partly_quantized_fused_module_is_named(outputs, tmp_path):
     damaged.mkdir()
     for f in out.iterdir():
         (damaged / f.name).write_bytes(f.read_bytes())
-    tensors = _tensors(damaged)
+    tensors = all_tensors(damaged)
     name = "model.layers.0.linear_attn.in_proj_z"
     for leaf in ("qweight", "qzeros", "scales", "g_idx"):
         del tensors[f"{name}.{leaf}"]
