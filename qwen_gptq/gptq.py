@@ -26,8 +26,14 @@ from . import fastpath
 log = logging.getLogger("qwen_gptq")
 
 MAX_DAMP = 1.0  # dampening is doubled after a failed Cholesky, up to this fraction of mean(diag H)
-INVERSE_BLOCKS = 8  # column blocks of K⁻¹ per process computing it (upper_cholesky_of_inverse) ...
+INVERSE_BLOCKS = 8  # column blocks of K⁻¹ one process solves (upper_cholesky_of_inverse) ...
 INVERSE_BLOCKS_FROM = 16384  # ... from this many columns on (an H200: 8192² no faster blocked, 29568² 1.5x)
+# Processes sharing K⁻¹'s solve: from SHARED_INVERSE_FROM columns on, each solves this many
+# blocks (below INVERSE_BLOCKS_FROM, from it on). Two H200s, Hinv in ms (8192² / 29568²):
+# one process 24.9 / 514; shared, 8 blocks each 23.4 / 330, 4 each 19.0 / 315, 2 each 17.5 / -
+# (fewer, wider blocks: more arithmetic, but in wider solves that run faster; scripts/bench_shared_inverse.py).
+SHARED_INVERSE_FROM = 8192
+SHARED_INVERSE_BLOCKS = (2, 4)
 CHOLESKY_SPLIT_FROM = 12288  # processes sharing Hinv split its Cholesky too from this many columns on (72B's 14784² halves too)
 SCHUR_BLOCKS = 8  # row blocks of the Schur complement per process (lower_cholesky)
 
@@ -363,7 +369,7 @@ def upper_cholesky_of_inverse(H: torch.Tensor, shared: Shared | None = None,
         if not any(failed):
             del M
     n = H.shape[-1]
-    if n < INVERSE_BLOCKS_FROM:
+    if n < SHARED_INVERSE_FROM:
         shared = None  # (small: each process solves it whole, sooner than they could combine it)
     part, parts = (shared.part, shared.parts) if shared is not None else (0, 1)
     blocks = inverse_blocks(n, part, parts)
@@ -461,7 +467,10 @@ def schur_blocks(m: int, part: int, parts: int) -> list[tuple[int, int]]:
 def inverse_blocks(n: int, part: int = 0, parts: int = 1) -> list[tuple[int, int]]:
     """The column blocks (c0, c1) of K⁻¹ that process `part` of `parts` solves (each
     costing (n - c0)² (c1 - c0)), balanced by spread."""
-    count = 1 if n < INVERSE_BLOCKS_FROM else INVERSE_BLOCKS * parts
+    if parts == 1:
+        count = 1 if n < INVERSE_BLOCKS_FROM else INVERSE_BLOCKS
+    else:
+        count = parts * SHARED_INVERSE_BLOCKS[n >= INVERSE_BLOCKS_FROM]
     bounds = [round(k * n / count) for k in range(count + 1)]
     blocks = list(zip(bounds, bounds[1:]))
     owners = spread([(n - c0) ** 2 * (c1 - c0) for c0, c1 in blocks], parts)

@@ -203,6 +203,7 @@ from qwen_gptq import distributed, gptq as solver
 from qwen_gptq.gptq import CrossProducts, Hessian, QuantConfig, gptq, gptq_batch
 
 solver.INVERSE_BLOCKS_FROM = 32  # rows split: the ranks share Hinv's solve (as for a large model's)
+solver.SHARED_INVERSE_FROM = 32
 solver.CHOLESKY_SPLIT_FROM = 32  # ... and its Cholesky
 distributed.REDUCE_PIECE_BYTES = 64 * 64 * 4  # owners' Hessians: a problem a piece, padded where a rank has fewer
 distributed.SPLIT_ROWS_FROM = 2048  # weights: a 48 x 64 problem alone is split by rows; a 40 x 32 one solved whole

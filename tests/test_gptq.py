@@ -73,8 +73,10 @@ def test_asym_zero_point_is_storable_in_v1_format():
 def test_blocked_inverse_and_its_shares_give_the_cholesky_of_the_inverse(monkeypatch):
     """Hinv from K⁻¹ solved in column blocks (as for a large Hessian) is the upper Cholesky
     factor of H⁻¹ that the reference's three steps give; split over three processes, each
-    fills only its own blocks (no entry filled twice, none missing) and their sum is it."""
+    fills only its own blocks (no entry filled twice, none missing) and their sum is it; a
+    Hessian below SHARED_INVERSE_FROM is solved whole by each process, nothing combined."""
     monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 64)
+    monkeypatch.setattr(solver, "SHARED_INVERSE_FROM", 64)
     n = 200
     _, _, H = _problem(seed=3, in_f=n)
     H.diagonal().add_(0.01 * H.diagonal().mean())
@@ -96,6 +98,18 @@ def test_blocked_inverse_and_its_shares_give_the_cholesky_of_the_inverse(monkeyp
     total = sum(partial)
     U3, ok3 = upper_cholesky_of_inverse(H, Shared(0, 3, lambda t: t.copy_(total)))
     assert ok3.item() and torch.allclose(U3, reference, rtol=0, atol=1e-10 * reference.abs().max())
+    # Shared, the blocks are SHARED_INVERSE_BLOCKS a process: below INVERSE_BLOCKS_FROM (where
+    # one process solves K⁻¹ in one piece) too, from SHARED_INVERSE_FROM on (below: whole).
+    assert sum(len(solver.inverse_blocks(n, r, 3)) for r in range(3)) == 3 * solver.SHARED_INVERSE_BLOCKS[1]
+    monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 256)
+    assert len(solver.inverse_blocks(n)) == 1
+    assert sum(len(solver.inverse_blocks(n, r, 3)) for r in range(3)) == 3 * solver.SHARED_INVERSE_BLOCKS[0]
+    partial.clear()
+    upper_cholesky_of_inverse(H, Shared(0, 3, partial.append))
+    assert len(partial) == 1
+    monkeypatch.setattr(solver, "SHARED_INVERSE_FROM", 256)
+    U4, ok4 = upper_cholesky_of_inverse(H, Shared(0, 3, partial.append))
+    assert len(partial) == 1 and ok4.item() and torch.allclose(U4, reference, rtol=0, atol=1e-10 * reference.abs().max())
 
 
 def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
@@ -108,6 +122,7 @@ def test_cholesky_split_over_processes_is_the_cholesky(monkeypatch):
     import threading
 
     monkeypatch.setattr(solver, "INVERSE_BLOCKS_FROM", 64)
+    monkeypatch.setattr(solver, "SHARED_INVERSE_FROM", 64)
     monkeypatch.setattr(solver, "CHOLESKY_SPLIT_FROM", 64)
     n, parts = 201, 3
     _, _, H = _problem(seed=4, in_f=n)
@@ -183,6 +198,7 @@ def test_inverse_in_the_hessians_memory_is_the_same_and_gives_back_what_fails(mo
     assert damps2 == damps and damps[1] > damps[0] and torch.equal(Hinv2, Hinv)
 
     monkeypatch.setattr(solver, "CHOLESKY_SPLIT_FROM", 64)  # split over two processes (threads), into H
+    monkeypatch.setattr(solver, "SHARED_INVERSE_FROM", 64)
     import threading
     _, _, H = _problem(seed=6, in_f=150)
     H.diagonal().add_(0.01 * H.diagonal().mean())
