@@ -174,6 +174,45 @@ def test_out_of_gpu_memory_gives_up_the_memoized_outputs_first(monkeypatch):
     forwards.remove()
 
 
+def test_the_forwards_wrap_each_quantized_linear_and_every_module_holding_one():
+    """The units whose outputs a layer's forwards may memoize: each quantized Linear and each
+    module that holds one (not the router beside the experts), each with the Linears inside
+    it; a unit is final once all of those are quantized. Checked against matching every
+    module with every Linear, on a layer shaped like an MoE one."""
+    from torch import nn
+
+    from qwen_gptq.runtime import LayerForwards
+
+    def block(**children):
+        m = nn.Module()
+        for k, v in children.items():
+            m.add_module(k, v)
+        return m
+
+    lin = lambda: nn.Linear(4, 4)  # noqa: E731
+    experts = block(**{str(e): block(gate_proj=lin(), up_proj=lin(), down_proj=lin()) for e in range(3)})
+    layer = block(self_attn=block(q_proj=lin(), k_proj=lin(), v_proj=lin(), o_proj=lin()),
+                  mlp=block(gate=lin(), experts=experts))
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              [f"mlp.experts.{e}.{p}" for e in range(3) for p in ("gate_proj", "up_proj")],
+              [f"mlp.experts.{e}.down_proj" for e in range(3)]]
+    quantized = [n for g in groups for n in g]
+    forwards = LayerForwards(layer, groups, 0)
+    holders = {name for name, _ in layer.named_modules() if name and any(
+        q == name or q.startswith(name + ".") for q in quantized)}
+    assert forwards._inside == {u: [q for q in quantized if q == u or q.startswith(u + ".")] for u in holders}
+    assert {name for name, m in layer.named_modules() if "forward" in m.__dict__} == holders  # wrapped
+    forwards.quantized(groups[0])
+    assert forwards._final == set(groups[0])
+    forwards.quantized(groups[1])
+    assert forwards._final == set(quantized[:4]) | {"self_attn"}
+    forwards.quantized(groups[2])
+    forwards.quantized(groups[3])
+    assert forwards._final == holders
+    forwards.remove()
+    assert not any("forward" in m.__dict__ for m in layer.modules())
+
+
 def test_a_modules_output_replaces_its_parts_within_the_memo_budget():
     """self_attn returns o_proj's very output: keeping it frees o_proj's entry, so it needs
     no budget beyond that entry's (counted twice, it was refused under a tight budget)."""
