@@ -670,11 +670,11 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         return results
 
     pending: list[_Solved] = []  # results waiting to be packed and written back together
+    unseen: list[str] = []  # Linears that saw no calibration token
     t0 = time.perf_counter()
     for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve, cross=cfg.gptaq)):
         if not n_tok and cfg.method == "gptq":
-            log.warning("layer %d: %s saw no calibration tokens; quantized with round-to-nearest", i,
-                        ", ".join(members[lead]))
+            unseen += members[lead]
         elapsed = time.perf_counter() - t0
         t["solve"] += elapsed
         pending.append(_Solved(lead, res, n_tok, elapsed))
@@ -687,3 +687,20 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
             runtime.sync(device)
             t["pack"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+    if unseen:
+        _say_unseen(i, unseen)
+
+
+UNSEEN_NAMED = 6  # Linears named in the warning about those that saw no token (all of them with --verbose)
+
+
+def _say_unseen(i: int, names: list[str]) -> None:
+    """One warning for a group's Linears that saw no calibration token (an MoE layer can
+    have hundreds: one line each buried the log), naming the first few; every one is in
+    quant_log.csv, the report's rtn_fallbacks and, with --verbose, the log."""
+    more = f" and {len(names) - UNSEEN_NAMED} more" if len(names) > UNSEEN_NAMED else ""
+    log.warning("layer %d: %d Linear%s saw no calibration tokens and %s quantized with round-to-nearest: %s%s", i,
+                len(names), "s" if len(names) > 1 else "", "were" if len(names) > 1 else "was",
+                ", ".join(names[:UNSEEN_NAMED]), more)
+    if more:
+        log.debug("layer %d: all that saw no calibration tokens: %s", i, ", ".join(names))

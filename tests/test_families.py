@@ -158,9 +158,24 @@ def test_expert_without_tokens_falls_back_to_rtn(tmp_path):
     src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=16, num_experts_per_tok=1, moe_intermediate_size=128,
                     decoder_sparse_step=1)
     out = tmp_path / "q"
-    report = quantize(src, out, "--num-samples", "1", "--max_len", "4")
+    r = cli("quantize", "--model_name_or_path", src, "--data_path", CALIB, "--out_path", out, "--json",
+            "--num-samples", "1", "--max_len", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
     assert report["rtn_fallbacks"], report
     assert all(".mlp.experts." in name for name in report["rtn_fallbacks"])
+    # One warning per layer and group, with the count and the first few named, not one per Linear
+    warned = [line for line in r.stderr.splitlines() if "saw no calibration tokens" in line]
+    per_group: dict[tuple[str, str], int] = {}
+    for name in report["rtn_fallbacks"]:
+        layer, _, module = name.partition(".")
+        key = (layer, "down_proj" if module.endswith("down_proj") else "gate/up")
+        per_group[key] = per_group.get(key, 0) + 1
+    assert len(warned) == len(per_group), warned
+    for (layer, _), n in per_group.items():
+        assert any(f"layer {layer}: {n} Linears saw no calibration tokens and were quantized with round-to-nearest: "
+                   in line for line in warned), (layer, n, warned)
+    assert all(line.count("mlp.experts.") <= 6 for line in warned)
     log = (out / "quant_log.csv").read_text()
     assert ",rtn" in log
     k = keys(out)
