@@ -30,7 +30,7 @@ INVERSE_BLOCKS = 8  # column blocks of K⁻¹ one process solves (upper_cholesky
 INVERSE_BLOCKS_FROM = 16384  # ... from this many columns on (an H200: 8192² no faster blocked, 29568² 1.5x)
 # Processes sharing K⁻¹'s solve: from SHARED_INVERSE_FROM columns on, each solves this many
 # blocks (below INVERSE_BLOCKS_FROM, from it on). Two H200s, Hinv in ms (8192² / 29568²):
-# one process 24.9 / 514; shared, 8 blocks each 23.4 / 330, 4 each 19.0 / 315, 2 each 17.5 / -
+# one process 24.9 / 514; shared, 8 blocks each 23.4 / 330, 4 each 19.0 / 315, 2 each 17.6 / 325
 # (fewer, wider blocks: more arithmetic, but in wider solves that run faster; scripts/bench_shared_inverse.py).
 SHARED_INVERSE_FROM = 8192
 SHARED_INVERSE_BLOCKS = (2, 4)
