@@ -725,10 +725,8 @@ class LayerForwards:
         self._inside: dict[str, list[str]] = {}
         for n in quantized:
             parts = n.split(".")
-            self._inside.setdefault(n, []).append(n)
-            for k in range(1, len(parts)):
+            for k in range(1, len(parts) + 1):  # (its own name last)
                 self._inside.setdefault(".".join(parts[:k]), []).append(n)
-        units = self._inside
         self._final: set[str] = set()  # units whose Linears are all quantized
         self._measured: dict[str, nn.Module] = {}
         self._on_input: InputHook | None = None
@@ -739,7 +737,7 @@ class LayerForwards:
         self._admitted: dict[str, bool] = {}  # unit -> whether its outputs are kept (decided at its first)
         self.most = 0  # the most memory memoized outputs held at once
         self._store: dict = {}
-        self._modules = {u: layer.get_submodule(u) for u in units}
+        self._modules = {u: layer.get_submodule(u) for u in self._inside}
         for u, m in self._modules.items():
             m.forward = self._wrap(u, m, m.forward)
 
