@@ -1,14 +1,17 @@
 """Several processes, one per GPU (torchrun), quantizing one model data-parallel.
 
 Every process (rank) runs the whole pipeline on its own slice of the calibration batches
-(balanced by token count). Per true-sequential group, each distinct Hessian is summed
-over the ranks, and the GPTQ problems are spread over them:
+(balanced by token count). On one host, an MoE layer's experts are split instead
+(expert parallelism, ExpertShare): each rank computes its own experts for every rank's
+tokens, so that their Hessians are whole at their owners, which solve them and send rank
+0 the results it writes (solve_owned). Otherwise, per true-sequential group, each
+distinct Hessian is summed over the ranks, and the GPTQ problems are spread over them:
 
-- a group with at least as many problems as ranks (MoE experts) gives each problem one
-  owner, assigned by cost (longest first, to the least loaded rank): the Hessians are
-  summed at their owners by reduce-scatters of many at a time, and each owner solves its
-  problems in batches of one shape, as one process does, and sends each batch's results
-  in one broadcast per tensor;
+- a group with at least as many problems as ranks (MoE experts between hosts, or with
+  GPTAQ) gives each problem one owner, assigned by cost (longest first, to the least
+  loaded rank): the Hessians are summed at their owners by reduce-scatters of many at a
+  time, and each owner solves its problems in batches of one shape, as one process does,
+  and sends each batch's results in one broadcast per tensor;
 - a group with fewer (a dense layer's q/k/v, o, gate/up, down: one Hessian each) has
   its Hessian all-reduced; from SPLIT_ROWS_FROM weights on, its rows are split over the
   ranks and each rank solves its rows (rows are independent given H); a smaller one
@@ -22,8 +25,10 @@ where they differ). Rank 0 alone writes (work directory, output). Per layer the
 ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's distinct
 Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
 quantized weights (one byte per weight for the codes, plus a scale and zero point per
-group and row: the receivers rebuild the weights from them), nothing else: activations
-never leave their rank.
+group and row: the receivers rebuild the weights from them). Activations leave their
+rank only for shared experts: each pass's routed inputs (tokens × hidden size in the
+model's dtype, all-gathered) and, in the forward, the experts' float32 partial sums
+(reduce-scattered back).
 
 One process (no torchrun) is a group of one, and every function here is then local.
 """
@@ -35,7 +40,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -515,25 +520,167 @@ def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQRe
     header (the group count and each damp), then each of the results' tensors stacked but
     the weight, which the other ranks rebuild from the codes (gptq.dequantized: the very
     bits; a fifth of the bytes a float32 weight would take to send)."""
-    rows, columns = shape
-    header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
-                          dtype=torch.float64, device=device)
+    header = _header(mine, count, device)
     with runtime.phase("broadcast header"):  # (tolist waits for the sender)
         dist.broadcast(header, src)
         values = header.tolist()
-    groups, damps = int(values[0]), values[1:]
-    if mine:
-        stacked = {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}
-    else:
-        stacked = {"Q": torch.empty(count, rows, columns, dtype=torch.uint8, device=device),
-                   "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
-                   "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
-                   "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
-                   "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
+    stacked = _results_stacked(mine) if mine else _results_empty(shape, count, int(values[0]), device)
     for name in _RESULT_TENSORS:
         dist.broadcast(stacked[name], src)
     if mine:
         return mine
     weights = dequantized(stacked["Q"], stacked["scale"], stacked["zero"], stacked["g_idx"])
-    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, weight=weights[k], damp=damps[k])
+    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, weight=weights[k], damp=values[1 + k])
             for k in range(count)]
+
+
+def _header(mine: list[GPTQResult] | None, count: int, device: torch.device) -> torch.Tensor:
+    """The results' group count and each one's damp (zeros where they are to be received)."""
+    return torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
+                        dtype=torch.float64, device=device)
+
+
+def _results_stacked(mine: list[GPTQResult]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}
+
+
+def _results_empty(shape: tuple[int, int], count: int, groups: int, device: torch.device) -> dict[str, torch.Tensor]:
+    rows, columns = shape
+    return {"Q": torch.empty(count, rows, columns, dtype=torch.uint8, device=device),
+            "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
+            "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
+            "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
+            "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
+
+
+# --------------------------------------------------------------------------- experts, each on one rank
+#
+# An MoE layer's experts under expert parallelism (pipeline: several ranks, not GPTAQ):
+# each rank computes its own experts (a contiguous run) for every rank's tokens, so that
+# each expert's Hessian is whole at its owner. Per pass and batch the experts' routed
+# inputs are all-gathered (tokens × hidden size in the model's dtype, from every rank);
+# in the forward that makes the next layer's inputs, each rank's partial sums (its
+# experts' weighted outputs, float32) are summed back to the token's rank by one
+# reduce-scatter. Nothing else travels but the results rank 0 writes: no Hessian is
+# summed, no quantized weight broadcast (a rank runs no expert it does not own).
+
+
+def expert_owners(group: Group, experts: int) -> list[int]:
+    """Each expert's rank: contiguous runs, as even as can be."""
+    return [r for r, run in enumerate(_rows(group, experts)) for _ in range(run.start, run.stop)]
+
+
+@dataclass
+class ExpertShare:
+    """An MoE experts module's part on this rank (hf.UnfusedExperts.share): experts
+    [first, stop), for every rank's tokens. combine: the pass makes the next layer's
+    inputs, so the experts' outputs are summed back to each token's rank; while a pass only
+    measures, nothing downstream of the experts is used, and zeros stand in.
+
+    Ranks may hold different numbers of batches: every call first all-gathers each rank's
+    row count, and a rank past its last batch of a pass takes part in the others' calls
+    with no rows of its own (drain), so that its experts still compute their tokens."""
+
+    group: Group
+    first: int
+    stop: int
+    combine: bool = False
+    _joining: list[int] | None = field(default=None, init=False)  # the row counts of the call a draining rank joins
+    _empty: tuple[torch.Tensor, ...] = field(default=(), init=False)  # a call's arguments with no rows
+
+    def gathered(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """Each tensor [rows, ...] from every rank, rank after rank, each rank's rows padded
+        to the most any rank has (floats 0, integers -1: routed to no expert, booleans True:
+        padding), and that most."""
+        sizes, self._joining = (self._joining, None) if self._joining is not None else (
+            self._sizes(tensors[0].shape[0], tensors[0].device), None)
+        most = max(sizes)
+        out = []
+        with runtime.phase("experts' inputs"):
+            for t in tensors:
+                if t.shape[0] < most:
+                    fill = True if t.dtype == torch.bool else 0 if t.is_floating_point() else -1
+                    t = torch.cat([t, t.new_full((most - t.shape[0], *t.shape[1:]), fill)])
+                gathered = t.new_empty((self.group.size * most, *t.shape[1:]))
+                dist.all_gather_into_tensor(gathered, t.contiguous())
+                out.append(gathered)
+        return out, most
+
+    def called(self, *args: torch.Tensor) -> None:
+        """The module's arguments of a call of this rank's (their shapes past the rows, and
+        dtypes, for the calls it joins)."""
+        if not self._empty:
+            self._empty = tuple(a[:0] for a in args)
+
+    def summed_back(self, partial: torch.Tensor, rows: int, most: int, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's rows of the experts' output, from every rank's partial sums (float32
+        [ranks × most, hidden], as gathered); zeros while a pass only measures."""
+        if not self.combine:
+            return partial.new_zeros(rows, partial.shape[1], dtype=dtype)
+        mine = partial.new_empty(most, partial.shape[1])
+        with runtime.phase("experts' outputs"):
+            dist.reduce_scatter_tensor(mine, partial.contiguous())
+        return mine[:rows].to(dtype)
+
+    def drain(self, join: Callable[[tuple[torch.Tensor, ...]], None], device: torch.device) -> int:
+        """After this rank's last batch of a pass: join(the arguments with no rows) for each
+        call another rank still makes, until every rank is done. Returns how many."""
+        joined = 0
+        while True:
+            sizes = self._sizes(-1, device)
+            if max(sizes) < 0:
+                return joined
+            if not self._empty:
+                raise RuntimeError("a rank joined its experts' call before making one")  # (groups come in dataflow order)
+            self._joining = [max(0, n) for n in sizes]
+            join(self._empty)
+            joined += 1
+
+    def _sizes(self, rows: int, device: torch.device) -> list[int]:
+        """Every rank's row count for this call (-1: past its last batch)."""
+        mine = torch.tensor([rows], dtype=torch.int64, device=device)
+        every = torch.empty(self.group.size, dtype=torch.int64, device=device)
+        with runtime.phase("experts' rows"):
+            dist.all_gather_into_tensor(every, mine)
+            return every.tolist()
+
+
+def solve_owned(group: Group, problems: list[Problem], owners: list[int],
+                solve: Solve) -> Iterator[tuple[int, GPTQResult, int]]:
+    """Problems whose Hessian is whole at their owner (ExpertShare's experts): each rank
+    solves its own in batches, as one process does, and sends each batch's results to rank
+    0, which writes. Yields (index, result, tokens) of this rank's problems, as solved, and
+    on rank 0 then those of every other rank, as received: these without a weight (no
+    rank runs an expert it does not own)."""
+    device = problems[0].weights[0].device
+    counts = torch.tensor([p.hessian.count if p.hessian is not None and o == group.rank else 0
+                           for p, o in zip(problems, owners)], dtype=torch.int64, device=device)
+    with runtime.phase("token counts"):
+        dist.all_reduce(counts)  # (rank 0 notes every expert's; batches are told apart by them)
+        counts = counts.tolist()
+    none = [False] * len(problems)
+    batches = [_batches(problems, [i for i, o in enumerate(owners) if o == r], counts, none) for r in range(group.size)]
+    for batch in batches[group.rank]:
+        H = _stacked([_take(problems[i], "hessian").finish() for i in batch]) if counts[batch[0]] else None
+        results = _solve_batch(problems, batch, solve, H, None)
+        del H
+        if not group.main:
+            with runtime.phase("results to rank 0"):
+                dist.send(_header(results, len(results), device), 0)
+                stacked = _results_stacked(results)
+                for name in _RESULT_TENSORS:
+                    dist.send(stacked[name], 0)
+        yield from ((i, r, counts[i]) for i, r in zip(batch, results))
+    if not group.main:
+        return
+    for r in range(1, group.size):
+        for batch in batches[r]:
+            header = _header(None, len(batch), device)
+            with runtime.phase("results from a rank"):  # (tolist waits for its solve)
+                dist.recv(header, r)
+                values = header.tolist()
+                got = _results_empty(problems[batch[0]].shape, len(batch), int(values[0]), device)
+                for name in _RESULT_TENSORS:
+                    dist.recv(got[name], r)
+            for k, i in enumerate(batch):
+                yield i, GPTQResult(**{name: t[k] for name, t in got.items()}, weight=None, damp=values[1 + k]), counts[i]

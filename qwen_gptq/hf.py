@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -140,46 +141,69 @@ class UnfusedExperts(nn.ModuleList):
         # Calibration only: the current batch's padded rows (bool [tokens]; runtime.run_layer
         # sets it), routed to no expert so that they stay out of the experts' Hessians.
         self.padded_rows: torch.Tensor | None = None
+        # Calibration by several processes (distributed.ExpertShare, set by the pipeline):
+        # this process computes its own experts for every process's tokens.
+        self.share = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[0]
+        padded = self.padded_rows if self.padded_rows is not None and self.padded_rows.shape[0] == tokens else None
+        if padded is not None:
+            top_k_index = top_k_index.masked_fill(padded[:, None], -1)
+        share = self.share
+        if share is None:
+            return self._computed(hidden_states, top_k_index, top_k_weights, padded, range(self.num_experts), None)
+        # Every process's rows (its padding rows routed to no expert), computed by this
+        # process's experts alone; its partial sums, in float32, summed back.
+        share.called(hidden_states, top_k_index, top_k_weights)
+        if padded is None:
+            padded = torch.zeros(tokens, dtype=torch.bool, device=hidden_states.device)
+        (x, index, weights, padded), most = share.gathered(hidden_states, top_k_index, top_k_weights, padded)
+        partial = self._computed(x, index, weights, padded, range(share.first, share.stop), torch.float32)
+        return share.summed_back(partial, tokens, most, hidden_states.dtype)
+
+    def _computed(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  padded: torch.Tensor | None, experts: range, dtype: torch.dtype | None) -> torch.Tensor:
+        """The output of the given experts (top_k_index: -1 where a row goes to no expert),
+        in dtype (None: the hidden states')."""
         if self.calibrate_all:
-            return self._every_expert(hidden_states, top_k_index, top_k_weights)
+            return self._every_expert(hidden_states, top_k_index, top_k_weights, padded, experts, dtype)
         # The routed rows sorted by expert (one host synchronisation for the counts), each
         # expert's a contiguous slice; the weighted results back in routing order, summed
         # over each token's top-k (deterministic: no atomic additions on a GPU).
+        # Only the given experts' rows are gathered (a process sharing the experts computes
+        # its own for every process's tokens: half of them, or less).
         tokens, k = top_k_index.shape
-        if self.padded_rows is not None and self.padded_rows.shape[0] == tokens:
-            top_k_index = top_k_index.masked_fill(self.padded_rows[:, None], -1)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat.clamp(-1, self.num_experts) + 1, minlength=self.num_experts + 2).tolist()
-        xs = hidden_states[order // k]
+        starts = list(itertools.accumulate(counts[:-1]))  # where expert e's rows start (rows to no expert first)
+        first, stop = (starts[experts.start], starts[experts.stop]) if len(experts) else (0, 0)
+        mine = order[first:stop]
+        xs = hidden_states[mine // k]
         ys = torch.zeros_like(xs)
-        start = counts[0]  # (rows routed to no valid expert, first and last, stay zero)
-        for e, n in enumerate(counts[1:-1]):
+        for e in experts:
+            n, start = counts[e + 1], starts[e] - first
             if n:
                 m, x = self[e], xs[start:start + n]
                 ys[start:start + n] = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
-            start += n
-        routed = torch.empty_like(ys)
-        routed[order] = (ys * top_k_weights.reshape(-1)[order, None]).to(ys.dtype)
-        return routed.view(tokens, k, -1).sum(dim=1)
+        routed = hidden_states.new_zeros(tokens * k, hidden_states.shape[1])
+        routed[mine] = (ys * top_k_weights.reshape(-1)[mine, None]).to(ys.dtype)
+        return routed.view(tokens, k, -1).sum(dim=1, dtype=dtype)
 
-    def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                      top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden_states)
+    def _every_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                      padded: torch.Tensor | None, experts: range, dtype: torch.dtype | None) -> torch.Tensor:
+        out = torch.zeros(hidden_states.shape, dtype=dtype or hidden_states.dtype, device=hidden_states.device)
         x, row = hidden_states, None  # row: a token's row of x (padding left out)
-        padded = self.padded_rows
-        if padded is not None and padded.shape[0] == hidden_states.shape[0]:
-            top_k_index = top_k_index.masked_fill(padded[:, None], -1)
+        if padded is not None:
             x, row = hidden_states[~padded], torch.cumsum(~padded, 0) - 1
-        for e in range(self.num_experts):
+        for e in experts:
             token_idx, pos = torch.where(top_k_index == e)
             m = self[e]
             y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
             y = y[token_idx if row is None else row[token_idx]]
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(hidden_states.dtype).to(out.dtype))
         return out
 
 

@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -95,6 +95,9 @@ class _Run:
     forwards: LayerForwards | None = None  # the current layer's
     memo_most: int = 0  # the most memory memoized outputs have held (to tell the run's own peak)
     needed: int | None = None  # the run's GPU peak without memoized outputs, once a layer has shown it
+    experts_shared: bool = False  # MoE experts each on one rank (expert parallelism; see _share_experts)
+    shares: list[nn.Module] = field(default_factory=list)  # the current layer's experts modules, so shared
+    expert_owner: dict[str, int] = field(default_factory=dict)  # the rank of each of their Linears
 
     def memo_budget(self) -> int:
         """Memory for the next layer's memoized outputs."""
@@ -247,6 +250,11 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
 
     run = _Run(family, plan, inputs, where.store, plan.memo_bytes, Mover(plan.device, cdtype, model_dtype, plan.weights),
                outcome, fp_hidden, spill=where.spill)
+    # Experts on their owners (see distributed's ExpertShare) where every rank shares a host:
+    # it moves the experts' inputs (three passes) and float32 outputs, 5.4 GB a Qwen3-30B-A3B
+    # layer at 128 x 2048 tokens, cheap over NVLink; between hosts the Hessians' 2.5 GB cost
+    # less. GPTAQ's full-precision passes keep the experts spread by their Hessians.
+    run.experts_shared = plan.group.size > 1 and not plan.cfg.gptaq and distributed.one_host(plan.group)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
         log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
@@ -351,8 +359,11 @@ def _leave(run: _Run, layer: nn.Module, start: float) -> None:
     run.outcome.layer_seconds.append(time.perf_counter() - start)
 
 
-def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None) -> None:
+def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None,
+                 shares: list[nn.Module]) -> None:
     """The next layer's inputs: this layer's outputs for every batch."""
+    for m in shares:  # (the experts' outputs summed back to each token's rank)
+        m.share.combine = True
     t0 = time.perf_counter()
     with torch.no_grad(), runtime.phase("forward"):
         for j, x in enumerate(run.inputs):
@@ -362,6 +373,7 @@ def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | 
                 return run.kept(x.hidden, runtime.run_layer(layer, i, x, run.plan.device))
 
             x.hidden = _retrying(run, i, "computing the next layer's inputs", step)
+        _join_others(run, forwards, None)
     runtime.sync(run.plan.device)
     run.outcome.timings["forward"] += time.perf_counter() - t0
 
@@ -393,8 +405,12 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
         w = layer.get_submodule(full[len(prefix):]).weight
         w.data.copy_(gptq_v1.dequantize_linear(**tensors, bits=run.plan.cfg.bits).to(w.device, w.dtype))
     run.outcome.stats += [ModuleStat(**s) for s in run.plan.work.stats(i)]
-    if next_layer is not None:
-        _forward_all(run, i, layer, None)
+    shares = _share_experts(run, layer)  # (the very sums of the run that wrote the layer)
+    try:
+        if next_layer is not None:
+            _forward_all(run, i, layer, None, shares)
+    finally:
+        _unshare_experts(run, shares)
     _leave(run, layer, start)
 
 
@@ -434,6 +450,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
         groups = [[n for g in groups for n in g]]
     fp_layer = copy.deepcopy(layer) if run.fp_hidden is not None else None  # GPTAQ's reference
     forwards = run.forwards = LayerForwards(layer, groups, run.memo_budget(), len(run.inputs))
+    shares = _share_experts(run, layer)
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
@@ -454,9 +471,10 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
         if next_layer is not None:  # the last layer's outputs feed nothing
             if fp_layer is not None:
                 _forward_full_precision(run, i, fp_layer)
-            _forward_all(run, i, layer, forwards)
+            _forward_all(run, i, layer, forwards, shares)
         _say_memory(run, i, "the forward")
     finally:
+        _unshare_experts(run, shares)
         forwards.remove()
         run.layer_done()
         run.forwards = None
@@ -464,6 +482,58 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     if run.plan.work is not None and run.plan.group.main:
         _save_layer(run, i, layer)
     _leave(run, layer, start)
+
+
+def _share_experts(run: _Run, layer: nn.Module) -> list[nn.Module]:
+    """Several ranks (run.experts_shared): the layer's MoE experts module computes each
+    expert on its owner alone, for every rank's tokens (distributed.ExpertShare), so that
+    an expert's Hessian is whole there; run.expert_owner names the rank of each of its
+    Linears. Returns the modules so shared (run.shares): none, or the layer's one."""
+    run.shares, run.expert_owner = [], {}
+    found = [(prefix, m) for prefix, m in layer.named_modules()
+             if getattr(m, "share", False) is None and hasattr(m, "num_experts")]  # (hf.UnfusedExperts)
+    if not run.experts_shared or len(found) != 1:  # (two in a layer would need their calls told apart)
+        return []
+    group = run.plan.group
+    prefix, m = found[0]
+    owners = distributed.expert_owners(group, m.num_experts)
+    mine = [e for e, r in enumerate(owners) if r == group.rank] or [0, -1]
+    m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1)
+    for e, expert in enumerate(m):
+        for name, sub in expert.named_modules():
+            if isinstance(sub, nn.Linear):
+                run.expert_owner[f"{prefix}.{e}.{name}"] = owners[e]
+    run.shares = [m]
+    return run.shares
+
+
+def _unshare_experts(run: _Run, shares: list[nn.Module]) -> None:
+    for m in shares:
+        m.share = None
+    run.shares, run.expert_owner = [], {}
+
+
+def _join_others(run: _Run, forwards: LayerForwards | None, group: _GroupInputs | None) -> None:
+    """After this rank's last batch of a pass, with the experts shared: its experts take
+    part in the other ranks' remaining calls (their tokens are theirs to compute), as
+    further batches of this rank's with no rows, until every rank is done."""
+    device = run.plan.device
+    for m in run.shares:
+        j = len(run.inputs)
+
+        def join(empty: tuple[torch.Tensor, ...], m: nn.Module = m) -> None:
+            nonlocal j
+            if forwards is not None:
+                forwards.batch(j)
+            if group is not None:
+                group.start_batch(None)
+            m.padded_rows = None
+            m(*empty)
+            if group is not None:
+                group.end_batch()
+            j += 1
+
+        m.share.drain(join, device)
 
 
 class _GroupInputs:
@@ -579,6 +649,7 @@ def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
             except StopForward:
                 pass
             group.end_batch()
+        _join_others(run, forwards, group)
     runtime.sync(run.plan.device)
     run.outcome.timings["hessian"] += time.perf_counter() - t0
     return group
@@ -625,8 +696,9 @@ def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[
     losses = torch.stack([s.res.losses[sl].sum() for _, s, sl in parts]).tolist()
     for (n, s, sl), loss in zip(parts, losses):
         w = modules[n].weight
-        w.data.copy_(s.res.weight[sl].to(w.dtype))
-        share = s.seconds * w.shape[0] / s.res.weight.shape[0]
+        if s.res.weight is not None:  # (None: an expert another rank owns, its results here to be written)
+            w.data.copy_(s.res.weight[sl].to(w.dtype))
+        share = s.seconds * w.shape[0] / s.res.Q.shape[0]
         method = "gptq" if s.tokens else "rtn"
         run.outcome.stats.append(ModuleStat(i, n, loss, s.res.damp, share, s.tokens, method))
         log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, s.res.damp)
@@ -650,11 +722,16 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     t["solve"] += time.perf_counter() - t0
     leads = [n for n in modules if n not in owner and n not in done]
     members = {lead: [lead] + [n for n in modules if owner.get(n) == lead] for lead in leads}
-    problems = [distributed.Problem(lead, [modules[n].weight.data for n in members[lead]], group.hessians.pop(lead, None),
-                                    group.cross.pop(lead, None), lead not in group.unpaired)
-                for lead in leads]
+    problems = {lead: distributed.Problem(lead, [modules[n].weight.data for n in members[lead]],
+                                          group.hessians.pop(lead, None), group.cross.pop(lead, None),
+                                          lead not in group.unpaired)
+                for lead in leads}
     group.hessians.clear()  # a member's own (a rank that could not tell it shares the lead's input): the same
     group.cross.clear()
+    # Experts computed on one rank alone (expert parallelism) are solved there; the rest
+    # (every Linear of one process; a dense layer's, a shared expert's) by their Hessians.
+    alone = [lead for lead in leads if lead in run.expert_owner]
+    summed = [lead for lead in leads if lead not in run.expert_owner]
 
     def solve(names: list[str], W: torch.Tensor, H: torch.Tensor | None, D: torch.Tensor | None,
               shared: Shared | None) -> list[GPTQResult]:
@@ -669,16 +746,27 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
             raise QuantizationFailed(f"layer {i} {names[finite.index(False)]}: quantization produced NaN/Inf weights")
         return results
 
+    def solved() -> Iterator[tuple[str, GPTQResult, int]]:
+        for lead, (res, n_tok) in zip(summed, distributed.solve_all(ranks, [problems[n] for n in summed], solve,
+                                                                      cross=cfg.gptaq)):
+            yield lead, res, n_tok
+        if alone:
+            for k, res, n_tok in distributed.solve_owned(ranks, [problems[n] for n in alone],
+                                                         [run.expert_owner[n] for n in alone], solve):
+                yield alone[k], res, n_tok
+
     pending: list[_Solved] = []  # results waiting to be packed and written back together
     unseen: list[str] = []  # Linears that saw no calibration token
+    left = len(leads) if ranks.main else len(summed) + sum(run.expert_owner[n] == ranks.rank for n in alone)
     t0 = time.perf_counter()
-    for lead, (res, n_tok) in zip(leads, distributed.solve_all(ranks, problems, solve, cross=cfg.gptaq)):
+    for lead, res, n_tok in solved():
+        left -= 1
         if not n_tok and cfg.method == "gptq":
             unseen += members[lead]
         elapsed = time.perf_counter() - t0
         t["solve"] += elapsed
         pending.append(_Solved(lead, res, n_tok, elapsed))
-        if lead == leads[-1] or sum(p.res.weight.numel() * 4 for p in pending) >= PACK_BATCH_BYTES:
+        if not left or sum(p.res.Q.numel() * 4 for p in pending) >= PACK_BATCH_BYTES:
             t0 = time.perf_counter()
             with runtime.phase("write back"):
                 _write_back(run, i, modules, members, pending)

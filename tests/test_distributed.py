@@ -284,3 +284,90 @@ def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
         assert fig["same_codes"] > 0.99, (label, fig)
         assert abs(fig["err_spread"] / fig["err_local"] - 1) < 0.01, (label, fig)
         assert fig["err_spread"] < 0.95 * fig["err_plain"], (label, fig)
+
+
+EXPERTS_SCRIPT = """
+import json
+import sys
+import torch
+import torch.nn.functional as F
+from qwen_gptq import distributed
+from qwen_gptq.hf import UnfusedExperts
+
+group, _ = distributed.init(torch.device("cpu"))
+g = torch.Generator().manual_seed(0)
+E, I, H, k = 6, 8, 16, 2
+m = UnfusedExperts(torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g), F.silu)
+# rank 0: one batch; rank 1: three (the ranks hold different numbers), one with padded rows
+rows = {0: [5], 1: [4, 7, 3]}
+batches = []
+for r, ns in rows.items():
+    for n in ns:
+        index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+        padded = torch.zeros(n, dtype=torch.bool)
+        if n == 7:
+            padded[-2:] = True
+        batches.append((r, torch.randn(n, H, generator=g), index, torch.rand(n, k, generator=g), padded))
+report = {}
+for every in (False, True):  # routed tokens only, and --moe-calibrate-all-experts
+    m.calibrate_all = every
+    seen = {}  # expert -> rows its gate_proj computed here
+    hooks = [m[e].gate_proj.register_forward_pre_hook(
+        lambda mod, args, e=e: seen.__setitem__(e, seen.get(e, 0) + args[0].shape[0])) for e in range(E)]
+    expected = []
+    for r, x, index, w, padded in batches:
+        m.padded_rows = padded
+        if r == group.rank:
+            expected.append(m(x, index, w))
+    plain = dict(seen)
+    seen.clear()
+    owners = distributed.expert_owners(group, E)
+    mine = [e for e in range(E) if owners[e] == group.rank]
+    m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1, combine=True)
+    got = []
+    for r, x, index, w, padded in batches:
+        if r == group.rank:
+            m.padded_rows = padded
+            got.append(m(x, index, w))
+    m.padded_rows = None
+    joined = m.share.drain(lambda empty: m(*empty), torch.device("cpu"))
+    m.share = None
+    for h in hooks:
+        h.remove()
+    # each expert's rows over every rank's batches, on its owner alone
+    routed = {e: 0 for e in range(E)}
+    for _, x, index, w, padded in batches:
+        for e in range(E):
+            routed[e] += int((~padded).sum()) if every else int((index[~padded] == e).sum())
+    report[str(every)] = {
+        "close": all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected)),
+        "joined": joined,
+        "own_rows_right": all(seen.get(e, 0) == routed[e] for e in mine),
+        "others_computed_here": sum(seen.get(e, 0) for e in range(E) if e not in mine),
+        "plain_saw_fewer": sum(plain.values()) < sum(routed.values()),
+    }
+with open(f"{sys.argv[1]}.{group.rank}", "w") as f:
+    json.dump(report, f)
+distributed.finish()
+"""
+
+
+@pytest.mark.slow
+def test_experts_on_their_owners_compute_every_ranks_tokens(tmp_path):
+    """Expert parallelism under gloo, 2 processes holding 1 and 3 batches (one with padded
+    rows): each rank's output is its batches' plain output (the other rank's experts'
+    share summed in), each expert computes every rank's routed rows (or, calibrating all
+    experts, every unpadded row) on its owner and on no other rank, and the rank with fewer
+    batches joins the other's remaining calls."""
+    script = tmp_path / "experts.py"
+    script.write_text(EXPERTS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path / "report")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in range(2)]
+    for report in reports:
+        for mode, fig in report.items():
+            assert fig["close"] and fig["own_rows_right"] and fig["plain_saw_fewer"], (mode, fig)
+            assert fig["others_computed_here"] == 0, (mode, fig)
+    assert sorted(rep["False"]["joined"] for rep in reports) == [0, 2]  # rank 0 joined rank 1's last two calls
