@@ -188,7 +188,8 @@ class UnfusedExperts(nn.ModuleList):
             if n:
                 m, x = self[e], xs[start:start + n]
                 ys[start:start + n] = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
-        routed = hidden_states.new_zeros(tokens * k, hidden_states.shape[1])
+        every = mine.shape[0] == tokens * k  # (else the rows of other experts, or of none, are zeros)
+        routed = (hidden_states.new_empty if every else hidden_states.new_zeros)(tokens * k, hidden_states.shape[1])
         routed[mine] = (ys * top_k_weights.reshape(-1)[mine, None]).to(ys.dtype)
         return routed.view(tokens, k, -1).sum(dim=1, dtype=dtype)
 
