@@ -359,10 +359,9 @@ def _leave(run: _Run, layer: nn.Module, start: float) -> None:
     run.outcome.layer_seconds.append(time.perf_counter() - start)
 
 
-def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None,
-                 shares: list[nn.Module]) -> None:
+def _forward_all(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards | None) -> None:
     """The next layer's inputs: this layer's outputs for every batch."""
-    for m in shares:  # (the experts' outputs summed back to each token's rank)
+    for m in run.shares:  # (the experts' outputs summed back to each token's rank)
         m.share.combine = True
     t0 = time.perf_counter()
     with torch.no_grad(), runtime.phase("forward"):
@@ -408,7 +407,7 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
     shares = _share_experts(run, layer)  # (the very sums of the run that wrote the layer)
     try:
         if next_layer is not None:
-            _forward_all(run, i, layer, None, shares)
+            _forward_all(run, i, layer, None)
     finally:
         _unshare_experts(run, shares)
     _leave(run, layer, start)
@@ -471,7 +470,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
         if next_layer is not None:  # the last layer's outputs feed nothing
             if fp_layer is not None:
                 _forward_full_precision(run, i, fp_layer)
-            _forward_all(run, i, layer, forwards, shares)
+            _forward_all(run, i, layer, forwards)
         _say_memory(run, i, "the forward")
     finally:
         _unshare_experts(run, shares)
@@ -747,9 +746,10 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         return results
 
     def solved() -> Iterator[tuple[str, GPTQResult, int]]:
-        for lead, (res, n_tok) in zip(summed, distributed.solve_all(ranks, [problems[n] for n in summed], solve,
-                                                                      cross=cfg.gptaq)):
-            yield lead, res, n_tok
+        if summed:
+            for lead, (res, n_tok) in zip(summed, distributed.solve_all(ranks, [problems[n] for n in summed], solve,
+                                                                          cross=cfg.gptaq)):
+                yield lead, res, n_tok
         if alone:
             for k, res, n_tok in distributed.solve_owned(ranks, [problems[n] for n in alone],
                                                          [run.expert_owner[n] for n in alone], solve):
