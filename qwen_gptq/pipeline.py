@@ -757,6 +757,7 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
 
     pending: list[_Solved] = []  # results waiting to be packed and written back together
     unseen: list[str] = []  # Linears that saw no calibration token
+    noted = len(run.outcome.stats)
     left = len(leads) if ranks.main else len(summed) + sum(run.expert_owner[n] == ranks.rank for n in alone)
     t0 = time.perf_counter()
     for lead, res, n_tok in solved():
@@ -775,6 +776,11 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
             runtime.sync(device)
             t["pack"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+    # In the leads' order, each with its members, whoever solved them (rank 0 notes its own
+    # experts' first, then those it receives): the log and report list them as one process does.
+    order = {n: k for k, n in enumerate(n for lead in leads for n in members[lead])}
+    run.outcome.stats[noted:] = sorted(run.outcome.stats[noted:], key=lambda s: order[s.module])
+    unseen.sort(key=order.__getitem__)
     if unseen:
         _say_unseen(i, unseen)
 
