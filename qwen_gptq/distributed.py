@@ -579,21 +579,38 @@ class ExpertShare:
 
     Ranks may hold different numbers of batches: every call first all-gathers each rank's
     row count, and a rank past its last batch of a pass takes part in the others' calls
-    with no rows of its own (drain), so that its experts still compute their tokens."""
+    with no rows of its own (drain), so that its experts still compute their tokens.
+
+    The experts' inputs are the same in every pass that reaches them (everything upstream
+    is quantized by then: groups come in dataflow order). Where every rank can keep the
+    first such pass's gathered inputs within keep_bytes, later passes use them again:
+    nothing is gathered, no row count exchanged, the calls made as in that pass."""
 
     group: Group
     first: int
     stop: int
     combine: bool = False
+    keep_bytes: int = 0
     _joining: list[int] | None = field(default=None, init=False)  # the row counts of the call a draining rank joins
     _empty: tuple[torch.Tensor, ...] = field(default=(), init=False)  # a call's arguments with no rows
+    _kept: list[tuple[list[torch.Tensor], int, int]] | None = field(default_factory=list, init=False)  # (gathered, most, own rows)
+    _again: bool = field(default=False, init=False)  # later passes use the kept inputs
+    _call: int = field(default=0, init=False)  # the pass's calls so far
+    _joins: int = field(default=0, init=False)  # calls joined in the kept pass
 
     def gathered(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """Each tensor [rows, ...] from every rank, rank after rank, each rank's rows padded
         to the most any rank has (floats 0, integers -1: routed to no expert, booleans True:
         padding), and that most."""
+        rows = tensors[0].shape[0]
+        if self._again:
+            out, most, had = self._kept[self._call]
+            if had != rows:
+                raise RuntimeError(f"the experts' call {self._call} has {rows} rows here, {had} in the kept pass")
+            self._call += 1
+            return out, most
         sizes, self._joining = (self._joining, None) if self._joining is not None else (
-            self._sizes(tensors[0].shape[0], tensors[0].device), None)
+            self._sizes(rows, tensors[0].device), None)
         most = max(sizes)
         out = []
         with runtime.phase("experts' inputs"):
@@ -604,6 +621,11 @@ class ExpertShare:
                 gathered = t.new_empty((self.group.size * most, *t.shape[1:]))
                 dist.all_gather_into_tensor(gathered, t.contiguous())
                 out.append(gathered)
+        if self._kept is not None:
+            self._kept.append((out, most, rows))
+            if sum(t.numel() * t.element_size() for c in self._kept for t in c[0]) > self.keep_bytes:
+                self._kept = None  # (said at the pass's end: then no rank keeps them)
+        self._call += 1
         return out, most
 
     def called(self, *args: torch.Tensor) -> None:
@@ -625,19 +647,34 @@ class ExpertShare:
     def drain(self, join: Callable[[tuple[torch.Tensor, ...]], None], device: torch.device) -> int:
         """After this rank's last batch of a pass: join(the arguments with no rows) for each
         call another rank still makes, until every rank is done. Returns how many."""
+        reached = self._call > 0
+        if self._again:  # (a pass that reaches the experts makes the kept pass's calls)
+            joined = self._joins if reached else 0
+            for _ in range(joined):
+                join(self._empty)
+            self._call = 0
+            return joined
         joined = 0
         while True:
-            sizes = self._sizes(-1, device)
+            sizes = self._sizes(-1 if self._kept is not None else -2, device)
             if max(sizes) < 0:
-                return joined
+                break
             if not self._empty:
                 raise RuntimeError("a rank joined its experts' call before making one")  # (groups come in dataflow order)
             self._joining = [max(0, n) for n in sizes]
             join(self._empty)
             joined += 1
+        reached = reached or joined > 0
+        if reached and self._kept is not None and all(n == -1 for n in sizes):
+            self._again, self._joins = True, joined
+        elif reached:
+            self._kept = None
+        self._call = 0
+        return joined
 
     def _sizes(self, rows: int, device: torch.device) -> list[int]:
-        """Every rank's row count for this call (-1: past its last batch)."""
+        """Every rank's row count for this call (-1: past its last batch; -2: and it could
+        not keep the pass's inputs)."""
         mine = torch.tensor([rows], dtype=torch.int64, device=device)
         every = torch.empty(self.group.size, dtype=torch.int64, device=device)
         with runtime.phase("experts' rows"):

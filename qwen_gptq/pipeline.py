@@ -448,8 +448,10 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     if not run.plan.true_sequential:
         groups = [[n for g in groups for n in g]]
     fp_layer = copy.deepcopy(layer) if run.fp_hidden is not None else None  # GPTAQ's reference
-    forwards = run.forwards = LayerForwards(layer, groups, run.memo_budget(), len(run.inputs))
-    shares = _share_experts(run, layer)
+    budget = run.memo_budget()  # (experts shared: half of it for their gathered inputs)
+    shares = _share_experts(run, layer, budget // 2)
+    forwards = run.forwards = LayerForwards(layer, groups, budget - budget // 2 if shares else budget,
+                                            len(run.inputs))
     try:
         for names in groups:
             modules = {n: layer.get_submodule(n) for n in names}
@@ -483,11 +485,12 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
     _leave(run, layer, start)
 
 
-def _share_experts(run: _Run, layer: nn.Module) -> list[nn.Module]:
+def _share_experts(run: _Run, layer: nn.Module, keep_bytes: int = 0) -> list[nn.Module]:
     """Several ranks (run.experts_shared): the layer's MoE experts module computes each
-    expert on its owner alone, for every rank's tokens (distributed.ExpertShare), so that
-    an expert's Hessian is whole there; run.expert_owner names the rank of each of its
-    Linears. Returns the modules so shared (run.shares): none, or the layer's one."""
+    expert on its owner alone, for every rank's tokens (distributed.ExpertShare; its
+    gathered inputs kept for later passes within keep_bytes), so that an expert's Hessian
+    is whole there; run.expert_owner names the rank of each of its Linears. Returns the
+    modules so shared (run.shares): none, or the layer's one."""
     run.shares, run.expert_owner = [], {}
     found = [(prefix, m) for prefix, m in layer.named_modules()
              if getattr(m, "share", False) is None and hasattr(m, "num_experts")]  # (hf.UnfusedExperts)
@@ -497,7 +500,7 @@ def _share_experts(run: _Run, layer: nn.Module) -> list[nn.Module]:
     prefix, m = found[0]
     owners = distributed.expert_owners(group, m.num_experts)
     mine = [e for e, r in enumerate(owners) if r == group.rank] or [0, -1]
-    m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1)
+    m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1, keep_bytes=keep_bytes)
     for e, expert in enumerate(m):
         for name, sub in expert.named_modules():
             if isinstance(sub, nn.Linear):
