@@ -251,9 +251,10 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     run = _Run(family, plan, inputs, where.store, plan.memo_bytes, Mover(plan.device, cdtype, model_dtype, plan.weights),
                outcome, fp_hidden, spill=where.spill)
     # Experts on their owners (see distributed's ExpertShare) where every rank shares a host:
-    # it moves the experts' inputs (three passes) and float32 outputs, 5.4 GB a Qwen3-30B-A3B
-    # layer at 128 x 2048 tokens, cheap over NVLink; between hosts the Hessians' 2.5 GB cost
-    # less. GPTAQ's full-precision passes keep the experts spread by their Hessians.
+    # it moves the experts' inputs (once, where kept; else every pass) and float32 outputs,
+    # 3.2 GB a Qwen3-30B-A3B layer at 128 x 2048 tokens, cheap over NVLink; between hosts the
+    # Hessians' 2.5 GB cost less. GPTAQ's full-precision passes keep the experts spread by
+    # their Hessians.
     run.experts_shared = plan.group.size > 1 and not plan.cfg.gptaq and distributed.one_host(plan.group)
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
