@@ -3,8 +3,8 @@
 Every process (rank) runs the whole pipeline on its own slice of the calibration batches
 (balanced by token count). On one host, an MoE layer's experts are split instead
 (expert parallelism, ExpertShare): each rank computes its own experts for every rank's
-tokens, so that their Hessians are whole at their owners, which solve them and send rank
-0 the results it writes (solve_owned). Otherwise, per true-sequential group, each
+tokens, so that their Hessians are whole at their owners, which solve them
+(solve_owned) and send rank 0 the packed tensors it writes (send_to). Otherwise, per true-sequential group, each
 distinct Hessian is summed over the ranks, and the GPTQ problems are spread over them:
 
 - a group with at least as many problems as ranks (MoE experts between hosts, or with
@@ -685,39 +685,39 @@ class ExpertShare:
 def solve_owned(group: Group, problems: list[Problem], owners: list[int],
                 solve: Solve) -> Iterator[tuple[int, GPTQResult, int]]:
     """Problems whose Hessian is whole at their owner (ExpertShare's experts): each rank
-    solves its own in batches, as one process does, and sends each batch's results to rank
-    0, which writes. Yields (index, result, tokens) of this rank's problems, as solved, and
-    on rank 0 then those of every other rank, as received: these without a weight (no
-    rank runs an expert it does not own)."""
-    device = problems[0].weights[0].device
-    counts = torch.tensor([p.hessian.count if p.hessian is not None and o == group.rank else 0
-                           for p, o in zip(problems, owners)], dtype=torch.int64, device=device)
-    with runtime.phase("token counts"):
-        dist.all_reduce(counts)  # (rank 0 notes every expert's; batches are told apart by them)
-        counts = counts.tolist()
+    solves its own in batches, as one process does (nothing travels). Yields (index,
+    result, tokens) of this rank's problems, as solved."""
+    counts = [p.hessian.count if p.hessian is not None and o == group.rank else 0 for p, o in zip(problems, owners)]
     none = [False] * len(problems)
-    batches = [_batches(problems, [i for i, o in enumerate(owners) if o == r], counts, none) for r in range(group.size)]
-    for batch in batches[group.rank]:
+    for batch in _batches(problems, [i for i, o in enumerate(owners) if o == group.rank], counts, none):
         H = _stacked([_take(problems[i], "hessian").finish() for i in batch]) if counts[batch[0]] else None
-        results = _solve_batch(problems, batch, solve, H, None)
+        yield from ((i, r, counts[i]) for i, r in zip(batch, _solve_batch(problems, batch, solve, H, None)))
         del H
-        if not group.main:
-            with runtime.phase("results to rank 0"):
-                dist.send(_header(results, len(results), device), 0)
-                stacked = _results_stacked(results)
-                for name in _RESULT_TENSORS:
-                    dist.send(stacked[name], 0)
-        yield from ((i, r, counts[i]) for i, r in zip(batch, results))
-    if not group.main:
-        return
-    for r in range(1, group.size):
-        for batch in batches[r]:
-            header = _header(None, len(batch), device)
-            with runtime.phase("results from a rank"):  # (tolist waits for its solve)
-                dist.recv(header, r)
-                values = header.tolist()
-                got = _results_empty(problems[batch[0]].shape, len(batch), int(values[0]), device)
-                for name in _RESULT_TENSORS:
-                    dist.recv(got[name], r)
-            for k, i in enumerate(batch):
-                yield i, GPTQResult(**{name: t[k] for name, t in got.items()}, weight=None, damp=values[1 + k]), counts[i]
+
+
+_SENT_DTYPES = (torch.int32, torch.int64, torch.float16, torch.float32, torch.float64, torch.uint8)
+
+
+def send_to(dst: int, tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Tensors to rank dst (received_from there), point to point: their count, dtypes
+    and shapes first, then each. No tensors: the end of a run of them."""
+    header = [len(tensors)] + [x for t in tensors for x in (_SENT_DTYPES.index(t.dtype), t.dim(), *t.shape)]
+    dist.send(torch.tensor([len(header)], dtype=torch.int64, device=device), dst)
+    dist.send(torch.tensor(header, dtype=torch.int64, device=device), dst)
+    for t in tensors:
+        dist.send(t.contiguous(), dst)
+
+
+def received_from(src: int, device: torch.device) -> list[torch.Tensor]:
+    """What rank src sent (send_to); waits for it."""
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.recv(size, src)
+    header = torch.empty(int(size.item()), dtype=torch.int64, device=device)
+    dist.recv(header, src)
+    values, out, at = header.tolist(), [], 1
+    for _ in range(values[0]):
+        dtype, dim = _SENT_DTYPES[values[at]], values[at + 1]
+        out.append(torch.empty(values[at + 2:at + 2 + dim], dtype=dtype, device=device))
+        at += 2 + dim
+        dist.recv(out[-1], src)
+    return out

@@ -672,10 +672,11 @@ class _Solved:
 
 
 def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[str, list[str]],
-                solved: list[_Solved]) -> None:
-    """The solved leads' Linears: packed (rank 0, which writes) in stacks of one shape and
-    fetched a stack at a time, quantized weights written back, stats noted. A stack
-    instead of one Linear at a time: an MoE layer has hundreds of small Linears, and
+                solved: list[_Solved], position: dict[str, int]) -> None:
+    """The solved leads' Linears: packed in stacks of one shape and fetched a stack at a
+    time by rank 0, which writes (another rank packs the experts it owns and sends them
+    there, with their stats and `position`s), quantized weights written back, stats noted.
+    A stack instead of one Linear at a time: an MoE layer has hundreds of small Linears, and
     their launches and copies one by one cost more than the packing itself. Everything
     that allocates comes first, then the write-back: a lead is written whole or not at all."""
     parts = []  # (Linear, its result, its rows in the result)
@@ -689,25 +690,56 @@ def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[
     for k, (_, s, sl) in enumerate(parts):
         stacks.setdefault((sl.stop - sl.start, *s.res.Q.shape[1:], s.res.scale.shape[0]), []).append(k)
     packed = []
-    if run.plan.group.main:
-        for ks in stacks.values():
+    main = run.plan.group.main
+    for ks in stacks.values():
+        ks = ks if main else [k for k in ks if parts[k][1].lead in run.expert_owner]
+        if ks:
             picked = [parts[k] for k in ks]
             packed.append((ks, gptq_v1.pack_linear(_stack([s.res.Q[sl] for _, s, sl in picked]),
                                                    _stack([s.res.scale[:, sl] for _, s, sl in picked]),
                                                    _stack([s.res.zero[:, sl] for _, s, sl in picked]),
                                                    _stack([s.res.g_idx for _, s, _ in picked]), run.plan.cfg.bits)))
     losses = torch.stack([s.res.losses[sl].sum() for _, s, sl in parts]).tolist()
+    noted = {}
     for (n, s, sl), loss in zip(parts, losses):
         w = modules[n].weight
-        if s.res.weight is not None:  # (None: an expert another rank owns, its results here to be written)
-            w.data.copy_(s.res.weight[sl].to(w.dtype))
+        w.data.copy_(s.res.weight[sl].to(w.dtype))
         share = s.seconds * w.shape[0] / s.res.Q.shape[0]
         method = "gptq" if s.tokens else "rtn"
-        run.outcome.stats.append(ModuleStat(i, n, loss, s.res.damp, share, s.tokens, method))
+        noted[n] = ModuleStat(i, n, loss, s.res.damp, share, s.tokens, method)
         log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, s.res.damp)
+    run.outcome.stats += noted.values()
     prefix = f"{run.family.layers}.{i}."
     for ks, tensors in packed:
-        run.mover.fetch_stacked(tensors, run.outcome.packed, [prefix + parts[k][0] for k in ks])
+        names = [parts[k][0] for k in ks]
+        if main:
+            run.mover.fetch_stacked(tensors, run.outcome.packed, [prefix + n for n in names])
+            continue
+        stats = torch.tensor([[noted[n].loss, noted[n].damp, noted[n].tokens, noted[n].seconds] for n in names],
+                             dtype=torch.float64, device=tensors["qweight"].device)
+        place = torch.tensor([position[n] for n in names], dtype=torch.int64, device=stats.device)
+        with runtime.phase("packed to rank 0"):
+            distributed.send_to(0, [tensors[t] for t in gptq_v1.TENSORS] + [place, stats], stats.device)
+
+
+def _receive_experts(run: _Run, i: int, names: list[str]) -> list[str]:
+    """Rank 0: the experts the other ranks own, packed there, with their stats (their
+    positions among `names`); the Linears of them that saw no calibration token."""
+    prefix, unseen = f"{run.family.layers}.{i}.", []
+    for r in range(1, run.plan.group.size):
+        while True:
+            with runtime.phase("packed from a rank"):  # (waits for its solves and packing)
+                got = distributed.received_from(r, run.plan.device)
+            if not got:
+                break
+            *tensors, place, stats = got
+            linears = [names[k] for k in place.tolist()]
+            for n, (loss, damp, tokens, seconds) in zip(linears, stats.tolist()):
+                run.outcome.stats.append(ModuleStat(i, n, loss, damp, seconds, int(tokens), "gptq" if tokens else "rtn"))
+                if not tokens and run.plan.cfg.method == "gptq":
+                    unseen.append(n)
+            run.mover.fetch_stacked(dict(zip(gptq_v1.TENSORS, tensors)), run.outcome.packed, [prefix + n for n in linears])
+    return unseen
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -762,7 +794,8 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
     pending: list[_Solved] = []  # results waiting to be packed and written back together
     unseen: list[str] = []  # Linears that saw no calibration token
     noted = len(run.outcome.stats)
-    left = len(leads) if ranks.main else len(summed) + sum(run.expert_owner[n] == ranks.rank for n in alone)
+    order = {n: k for k, n in enumerate(n for lead in leads for n in members[lead])}
+    left = len(summed) + sum(run.expert_owner[n] == ranks.rank for n in alone)
     t0 = time.perf_counter()
     for lead, res, n_tok in solved():
         left -= 1
@@ -774,15 +807,18 @@ def _solve(run: _Run, i: int, modules: dict[str, nn.Module], group: _GroupInputs
         if not left or sum(p.res.Q.numel() * 4 for p in pending) >= PACK_BATCH_BYTES:
             t0 = time.perf_counter()
             with runtime.phase("write back"):
-                _write_back(run, i, modules, members, pending)
+                _write_back(run, i, modules, members, pending, order)
             done.update(p.lead for p in pending)
             pending.clear()
             runtime.sync(device)
             t["pack"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+    if alone and ranks.main:
+        unseen += _receive_experts(run, i, list(order))
+    elif alone:
+        distributed.send_to(0, [], device)  # (the end of this rank's)
     # In the leads' order, each with its members, whoever solved them (rank 0 notes its own
     # experts' first, then those it receives): the log and report list them as one process does.
-    order = {n: k for k, n in enumerate(n for lead in leads for n in members[lead])}
     run.outcome.stats[noted:] = sorted(run.outcome.stats[noted:], key=lambda s: order[s.module])
     unseen.sort(key=order.__getitem__)
     if unseen:
