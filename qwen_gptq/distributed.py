@@ -1,11 +1,12 @@
 """Several processes, one per GPU (torchrun), quantizing one model data-parallel.
 
 Every process (rank) runs the whole pipeline on its own slice of the calibration batches
-(balanced by token count). On one host, an MoE layer's experts are split instead
-(expert parallelism, ExpertShare): each rank computes its own experts for every rank's
-tokens, so that their Hessians are whole at their owners, which solve them
-(solve_owned) and send rank 0 the packed tensors it writes (send_to). Otherwise, per true-sequential group, each
-distinct Hessian is summed over the ranks, and the GPTQ problems are spread over them:
+(balanced by token count). On one host, with QWEN_GPTQ_EXPERT_PARALLEL=1 (the pipeline
+decides), an MoE layer's experts are split instead (expert parallelism, ExpertShare):
+each rank computes its own experts for every rank's tokens, so that their Hessians are
+whole at their owners, which solve them (solve_owned) and send rank 0 the packed tensors
+it writes (send_to). Otherwise, per true-sequential group, each distinct Hessian is
+summed over the ranks, and the GPTQ problems are spread over them:
 
 - a group with at least as many problems as ranks (MoE experts between hosts, or with
   GPTAQ) gives each problem one owner, assigned by cost (longest first, to the least

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -255,7 +256,9 @@ def quantize_model(model: nn.Module, family: Family, calibration: Calibration, p
     # 3.2 GB a Qwen3-30B-A3B layer at 128 x 2048 tokens, cheap over NVLink; between hosts the
     # Hessians' 2.5 GB cost less. GPTAQ's full-precision passes keep the experts spread by
     # their Hessians.
-    run.experts_shared = plan.group.size > 1 and not plan.cfg.gptaq and distributed.one_host(plan.group)
+    # Not yet measured on GPUs: on only with QWEN_GPTQ_EXPERT_PARALLEL=1 (docs/benchmarks.md).
+    run.experts_shared = (plan.group.size > 1 and not plan.cfg.gptaq and distributed.one_host(plan.group)
+                          and os.environ.get(EXPERT_PARALLEL_ENV) == "1")
     done = plan.work.finished() if plan.work is not None else 0
     if 0 < done < len(layers):
         log.info("resuming at layer %d of %d (layers 0-%d are finished, in %s)", done, len(layers), done - 1,
@@ -658,6 +661,7 @@ def _measure(run: _Run, i: int, layer: nn.Module, forwards: LayerForwards,
     return group
 
 
+EXPERT_PARALLEL_ENV = "QWEN_GPTQ_EXPERT_PARALLEL"  # 1: MoE experts split by expert on one host (_share_experts)
 PACK_BATCH_BYTES = 1 << 30  # solved weights (float32) packed and written back together, at most
 
 

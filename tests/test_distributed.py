@@ -86,29 +86,38 @@ def _experts(out):
 
 
 @pytest.mark.slow
-def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path):
-    """An MoE model's experts, each solved by one of 2 processes (their Hessians summed at
-    the owner by reduce-scatters), its attention solved whole by each: the same experts fall back to
-    round-to-nearest as in one process, layer 0's experts get the same codes but for
+@pytest.mark.parametrize("split", ["by expert", "by Hessian"])
+def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path, split):
+    """An MoE model's experts over 2 processes, each expert computed and solved by its owner
+    for both processes' tokens (QWEN_GPTQ_EXPERT_PARALLEL=1), or its Hessian summed at its
+    owner by reduce-scatters; its attention solved whole by each: the same experts fall back
+    to round-to-nearest as in one process, layer 0's experts get the same codes but for
     summation-order ties, and a second 2-process run writes the very same packed tensors, as
-    does one killed after layer 0 and resumed."""
+    does (split by expert) one killed after layer 0 and resumed."""
     src = make_tiny(tmp_path / "src", "qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
                     decoder_sparse_step=1, num_hidden_layers=4)
     extra = ("--num-samples", "16", "--max_len", "256", "--device", "cpu")
     one = quantize_cli(src, tmp_path / "one", *extra)
+    by_expert = split == "by expert"
+    env = {**os.environ, "QWEN_GPTQ_EXPERT_PARALLEL": "1" if by_expert else "0",
+           "QWEN_GPTQ_TIMELINE": str(tmp_path / "timeline")}
     reports = []
     for out in ("two", "again"):
-        p = _torchrun(2, tmp_path / out, "--num-samples", "16", "--max_len", "256", "--json", "-q", model=src)
+        p = _torchrun(2, tmp_path / out, "--num-samples", "16", "--max_len", "256", "--json", "-q", model=src, env=env)
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    phases = (tmp_path / "timeline.rank1.jsonl").read_text()
+    assert ('"experts\' inputs"' in phases) == by_expert and ('"to owners"' in phases) != by_expert
     two = reports[0]
     assert two["processes"] == 2 and two["rtn_fallbacks"] == one["rtn_fallbacks"]
     assert packed_digest(tmp_path / "two") == packed_digest(tmp_path / "again")
+    if not by_expert:
+        return
     # Killed once layer 0 is finished, then resumed: layer 0's forward replayed with its
     # experts on their owners, as the run that wrote it computed it: the same bytes.
     killed = tmp_path / "killed"
-    p = _torchrun(2, killed, "--num-samples", "16", "--max_len", "256", "-q", model=src)
+    p = _torchrun(2, killed, "--num-samples", "16", "--max_len", "256", "-q", model=src, env=env)
     done, deadline = resume.work_path(killed) / "layer-00000.safetensors", time.monotonic() + 300
     while not done.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -116,7 +125,7 @@ def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path):
         os.kill(pid, signal.SIGKILL)
     p.communicate()
     assert not killed.exists() and done.exists()
-    p = _torchrun(2, killed, "--num-samples", "16", "--max_len", "256", model=src)
+    p = _torchrun(2, killed, "--num-samples", "16", "--max_len", "256", model=src, env=env)
     _, stderr = p.communicate(timeout=600)
     assert p.returncode == 0 and "resuming at layer 1" in stderr, stderr[-3000:]
     assert packed_digest(killed) == packed_digest(tmp_path / "two")
