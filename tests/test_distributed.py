@@ -334,6 +334,18 @@ for r, ns in rows.items():
             padded[-2:] = True
         batches.append((r, torch.randn(n, H, generator=g), index, torch.rand(n, k, generator=g), padded))
 report = {}
+
+
+def one_pass():  # this rank's batches through the shared experts, the other's calls joined
+    got = []
+    for r, x, index, w, padded in batches:
+        if r == group.rank:
+            m.padded_rows = padded
+            got.append(m(x, index, w))
+    m.padded_rows = None
+    return got, m.share.drain(lambda empty: m(*empty), torch.device("cpu"))
+
+
 for every in (False, True):  # routed tokens only, and --moe-calibrate-all-experts
     m.calibrate_all = every
     seen = {}  # expert -> rows its gate_proj computed here
@@ -349,13 +361,7 @@ for every in (False, True):  # routed tokens only, and --moe-calibrate-all-exper
     owners = distributed.expert_owners(group, E)
     mine = [e for e in range(E) if owners[e] == group.rank]
     m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1, combine=True)
-    got = []
-    for r, x, index, w, padded in batches:
-        if r == group.rank:
-            m.padded_rows = padded
-            got.append(m(x, index, w))
-    m.padded_rows = None
-    joined = m.share.drain(lambda empty: m(*empty), torch.device("cpu"))
+    got, joined = one_pass()
     m.share = None
     for h in hooks:
         h.remove()
@@ -380,13 +386,7 @@ for label, room in (("kept", 1 << 30), ("not kept", 1 << 30 if group.rank == 0 e
     m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1, keep_bytes=room)
     for combine in (False, True):
         m.share.combine = combine
-        got = []
-        for r, x, index, w, padded in batches:
-            if r == group.rank:
-                m.padded_rows = padded
-                got.append(m(x, index, w))
-        m.padded_rows = None
-        m.share.drain(lambda empty: m(*empty), torch.device("cpu"))
+        got, _ = one_pass()
         if not combine:
             again = m.share._again
     report[label] = {"again": again, "close": all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, routed_expected))}
