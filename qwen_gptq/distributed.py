@@ -27,9 +27,9 @@ ranks exchange the Hessians (a sum of columns² × 4 bytes over the layer's dist
 Hessians; twice that with GPTAQ, whose cross products travel the same way) and the
 quantized weights (one byte per weight for the codes, plus a scale and zero point per
 group and row: the receivers rebuild the weights from them). Activations leave their
-rank only for shared experts: each pass's routed inputs (tokens × hidden size in the
-model's dtype, all-gathered) and, in the forward, the experts' float32 partial sums
-(reduce-scattered back).
+rank only for experts split by expert: their routed inputs (tokens × hidden size in the
+model's dtype, all-gathered once a layer where kept, else every pass) and, in the
+forward, the experts' float32 partial sums (reduce-scattered back).
 
 One process (no torchrun) is a group of one, and every function here is then local.
 """
@@ -521,49 +521,41 @@ def _broadcast(group: Group, shape: tuple[int, int], src: int, mine: list[GPTQRe
     header (the group count and each damp), then each of the results' tensors stacked but
     the weight, which the other ranks rebuild from the codes (gptq.dequantized: the very
     bits; a fifth of the bytes a float32 weight would take to send)."""
-    header = _header(mine, count, device)
+    rows, columns = shape
+    header = torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
+                          dtype=torch.float64, device=device)
     with runtime.phase("broadcast header"):  # (tolist waits for the sender)
         dist.broadcast(header, src)
         values = header.tolist()
-    stacked = _results_stacked(mine) if mine else _results_empty(shape, count, int(values[0]), device)
+    groups, damps = int(values[0]), values[1:]
+    if mine:
+        stacked = {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}
+    else:
+        stacked = {"Q": torch.empty(count, rows, columns, dtype=torch.uint8, device=device),
+                   "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
+                   "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
+                   "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
+                   "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
     for name in _RESULT_TENSORS:
         dist.broadcast(stacked[name], src)
     if mine:
         return mine
     weights = dequantized(stacked["Q"], stacked["scale"], stacked["zero"], stacked["g_idx"])
-    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, weight=weights[k], damp=values[1 + k])
+    return [GPTQResult(**{name: t[k] for name, t in stacked.items()}, weight=weights[k], damp=damps[k])
             for k in range(count)]
-
-
-def _header(mine: list[GPTQResult] | None, count: int, device: torch.device) -> torch.Tensor:
-    """The results' group count and each one's damp (zeros where they are to be received)."""
-    return torch.tensor([mine[0].scale.shape[0]] + [r.damp for r in mine] if mine else [0.0] * (count + 1),
-                        dtype=torch.float64, device=device)
-
-
-def _results_stacked(mine: list[GPTQResult]) -> dict[str, torch.Tensor]:
-    return {name: torch.stack([getattr(r, name) for r in mine]) for name in _RESULT_TENSORS}
-
-
-def _results_empty(shape: tuple[int, int], count: int, groups: int, device: torch.device) -> dict[str, torch.Tensor]:
-    rows, columns = shape
-    return {"Q": torch.empty(count, rows, columns, dtype=torch.uint8, device=device),
-            "scale": torch.empty(count, groups, rows, dtype=torch.float32, device=device),
-            "zero": torch.empty(count, groups, rows, dtype=torch.int32, device=device),
-            "g_idx": torch.empty(count, columns, dtype=torch.int32, device=device),
-            "losses": torch.empty(count, rows, dtype=torch.float32, device=device)}
 
 
 # --------------------------------------------------------------------------- experts, each on one rank
 #
 # An MoE layer's experts under expert parallelism (pipeline: several ranks, not GPTAQ):
 # each rank computes its own experts (a contiguous run) for every rank's tokens, so that
-# each expert's Hessian is whole at its owner. Per pass and batch the experts' routed
-# inputs are all-gathered (tokens × hidden size in the model's dtype, from every rank);
+# each expert's Hessian is whole at its owner. Per call the experts' routed inputs are
+# all-gathered (tokens × hidden size in the model's dtype, from every rank; once a layer
+# where kept: see ExpertShare);
 # in the forward that makes the next layer's inputs, each rank's partial sums (its
 # experts' weighted outputs, float32) are summed back to the token's rank by one
-# reduce-scatter. Nothing else travels but the results rank 0 writes: no Hessian is
-# summed, no quantized weight broadcast (a rank runs no expert it does not own).
+# reduce-scatter. Nothing else travels but the packed experts rank 0 writes (send_to):
+# no Hessian is summed, no quantized weight broadcast (a rank runs no expert it does not own).
 
 
 def expert_owners(group: Group, experts: int) -> list[int]:

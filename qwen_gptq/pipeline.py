@@ -408,12 +408,12 @@ def _replay_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module | N
         w = layer.get_submodule(full[len(prefix):]).weight
         w.data.copy_(gptq_v1.dequantize_linear(**tensors, bits=run.plan.cfg.bits).to(w.device, w.dtype))
     run.outcome.stats += [ModuleStat(**s) for s in run.plan.work.stats(i)]
-    shares = _share_experts(run, layer)  # (the very sums of the run that wrote the layer)
+    _share_experts(run, layer)  # (the very sums of the run that wrote the layer)
     try:
         if next_layer is not None:
             _forward_all(run, i, layer, None)
     finally:
-        _unshare_experts(run, shares)
+        _unshare_experts(run)
     _leave(run, layer, start)
 
 
@@ -479,7 +479,7 @@ def _quantize_layer(run: _Run, i: int, layer: nn.Module, next_layer: nn.Module |
             _forward_all(run, i, layer, forwards)
         _say_memory(run, i, "the forward")
     finally:
-        _unshare_experts(run, shares)
+        _unshare_experts(run)
         forwards.remove()
         run.layer_done()
         run.forwards = None
@@ -496,15 +496,17 @@ def _share_experts(run: _Run, layer: nn.Module, keep_bytes: int = 0) -> list[nn.
     is whole there; run.expert_owner names the rank of each of its Linears. Returns the
     modules so shared (run.shares): none, or the layer's one."""
     run.shares, run.expert_owner = [], {}
+    if not run.experts_shared:
+        return []
     found = [(prefix, m) for prefix, m in layer.named_modules()
              if getattr(m, "share", False) is None and hasattr(m, "num_experts")]  # (hf.UnfusedExperts)
-    if not run.experts_shared or len(found) != 1:  # (two in a layer would need their calls told apart)
+    if len(found) != 1:  # (two in a layer would need their calls told apart)
         return []
     group = run.plan.group
     prefix, m = found[0]
     owners = distributed.expert_owners(group, m.num_experts)
-    mine = [e for e, r in enumerate(owners) if r == group.rank] or [0, -1]
-    m.share = distributed.ExpertShare(group, mine[0], mine[-1] + 1, keep_bytes=keep_bytes)
+    first = owners.index(group.rank) if group.rank in owners else 0  # (a contiguous run; none: empty)
+    m.share = distributed.ExpertShare(group, first, first + owners.count(group.rank), keep_bytes=keep_bytes)
     for e, expert in enumerate(m):
         for name, sub in expert.named_modules():
             if isinstance(sub, nn.Linear):
@@ -513,8 +515,8 @@ def _share_experts(run: _Run, layer: nn.Module, keep_bytes: int = 0) -> list[nn.
     return run.shares
 
 
-def _unshare_experts(run: _Run, shares: list[nn.Module]) -> None:
-    for m in shares:
+def _unshare_experts(run: _Run) -> None:
+    for m in run.shares:
         m.share = None
     run.shares, run.expert_owner = [], {}
 
