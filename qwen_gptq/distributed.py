@@ -587,6 +587,7 @@ class ExpertShare:
     _joining: list[int] | None = field(default=None, init=False)  # the row counts of the call a draining rank joins
     _empty: tuple[torch.Tensor, ...] = field(default=(), init=False)  # a call's arguments with no rows
     _kept: list[tuple[list[torch.Tensor], int, int]] | None = field(default_factory=list, init=False)  # (gathered, most, own rows)
+    _kept_bytes: int = field(default=0, init=False)
     _again: bool = field(default=False, init=False)  # later passes use the kept inputs
     _call: int = field(default=0, init=False)  # the pass's calls so far
     _joins: int = field(default=0, init=False)  # calls joined in the kept pass
@@ -616,7 +617,8 @@ class ExpertShare:
                 out.append(gathered)
         if self._kept is not None:
             self._kept.append((out, most, rows))
-            if sum(t.numel() * t.element_size() for c in self._kept for t in c[0]) > self.keep_bytes:
+            self._kept_bytes += sum(t.numel() * t.element_size() for t in out)
+            if self._kept_bytes > self.keep_bytes:
                 self._kept = None  # (said at the pass's end: then no rank keeps them)
         self._call += 1
         return out, most

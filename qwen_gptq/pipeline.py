@@ -52,6 +52,19 @@ class ModuleStat:
     tokens: int
     method: str  # "gptq", or "rtn" for a Linear that saw no calibration tokens
 
+    def numbers(self) -> list[float]:
+        """Its measured fields, as one row of a float64 table that crosses ranks (of_numbers)."""
+        return [self.loss, self.damp, self.seconds, self.tokens]
+
+    @classmethod
+    def of_numbers(cls, layer: int, module: str, numbers: list[float]) -> ModuleStat:
+        loss, damp, seconds, tokens = numbers
+        return cls(layer, module, loss, damp, seconds, int(tokens), _method(int(tokens)))
+
+
+def _method(tokens: int) -> str:
+    return "gptq" if tokens else "rtn"
+
 
 @dataclass
 class Outcome:
@@ -711,8 +724,7 @@ def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[
         w = modules[n].weight
         w.data.copy_(s.res.weight[sl].to(w.dtype))
         share = s.seconds * w.shape[0] / s.res.Q.shape[0]
-        method = "gptq" if s.tokens else "rtn"
-        noted[n] = ModuleStat(i, n, loss, s.res.damp, share, s.tokens, method)
+        noted[n] = ModuleStat(i, n, loss, s.res.damp, share, s.tokens, _method(s.tokens))
         log.debug("layer %d %s: loss %.5g damp %g", i, n, loss, s.res.damp)
     run.outcome.stats += noted.values()
     prefix = f"{run.family.layers}.{i}."
@@ -721,7 +733,7 @@ def _write_back(run: _Run, i: int, modules: dict[str, nn.Module], members: dict[
         if main:
             run.mover.fetch_stacked(tensors, run.outcome.packed, [prefix + n for n in names])
             continue
-        stats = torch.tensor([[noted[n].loss, noted[n].damp, noted[n].tokens, noted[n].seconds] for n in names],
+        stats = torch.tensor([noted[n].numbers() for n in names],
                              dtype=torch.float64, device=tensors["qweight"].device)
         place = torch.tensor([position[n] for n in names], dtype=torch.int64, device=stats.device)
         with runtime.phase("packed to rank 0"):
@@ -740,9 +752,9 @@ def _receive_experts(run: _Run, i: int, names: list[str]) -> list[str]:
                 break
             *tensors, place, stats = got
             linears = [names[k] for k in place.tolist()]
-            for n, (loss, damp, tokens, seconds) in zip(linears, stats.tolist()):
-                run.outcome.stats.append(ModuleStat(i, n, loss, damp, seconds, int(tokens), "gptq" if tokens else "rtn"))
-                if not tokens and run.plan.cfg.method == "gptq":
+            for n, numbers in zip(linears, stats.tolist()):
+                run.outcome.stats.append(ModuleStat.of_numbers(i, n, numbers))
+                if not run.outcome.stats[-1].tokens and run.plan.cfg.method == "gptq":
                     unseen.append(n)
             run.mover.fetch_stacked(dict(zip(gptq_v1.TENSORS, tensors)), run.outcome.packed, [prefix + n for n in linears])
     return unseen

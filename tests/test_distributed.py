@@ -1,6 +1,7 @@
 """Several processes (torchrun, gloo on CPU): data-parallel calibration, Hessians summed
 over the ranks, solves spread over them, rank 0 writing."""
 
+import csv
 import json
 import os
 import signal
@@ -111,6 +112,9 @@ def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path, sp
     assert ('"experts\' inputs"' in phases) == by_expert and ('"to owners"' in phases) != by_expert
     two = reports[0]
     assert two["processes"] == 2 and two["rtn_fallbacks"] == one["rtn_fallbacks"]
+    # quant_log.csv in one process's order, each Linear with every process's tokens (layer 0:
+    # the same inputs, so the same routing), whichever process solved it
+    assert _log_rows(tmp_path / "two", layer="0") == _log_rows(tmp_path / "one", layer="0")
     assert packed_digest(tmp_path / "two") == packed_digest(tmp_path / "again")
     if not by_expert:
         return
@@ -133,6 +137,12 @@ def test_moe_experts_spread_over_two_processes_match_one_and_repeat(tmp_path, sp
     assert len(a) == 24 and a.keys() == b.keys()
     same = sum((a[n] == b[n]).sum().item() for n in a) / sum(a[n].numel() for n in a)
     assert same > 0.99, same
+
+
+def _log_rows(out, layer):
+    """quant_log.csv's (module, tokens, method) of a layer, in its order."""
+    with open(out / "quant_log.csv", newline="") as f:
+        return [(r["module"], r["tokens"], r["method"]) for r in csv.DictReader(f) if r["layer"] == layer]
 
 
 def _children(pid):
