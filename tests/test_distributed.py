@@ -27,6 +27,15 @@ def _torchrun(n, out, *extra, model=TINY, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _two_processes(script, text, *args):
+    """A script written to `script` and run by 2 gloo processes (torchrun), the repository
+    on their path; the finished process."""
+    script.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_batches_are_shared_by_tokens_and_problems_by_cost():
     sizes = [512, 100, 300, 300, 200, 512, 10]
     shares = [distributed.share(distributed.Group(r, 2), sizes) for r in range(2)]
@@ -216,14 +225,10 @@ def test_a_rank_that_fails_ends_the_job_even_if_leaving_the_group_would_wait(tmp
     """Rank 0 fails (disk full) while rank 1 goes on into the next collective, and leaving
     the process group waits for the other ranks (as under NCCL): the job still ends in
     bounded time, with rank 0's error and exit code 1, and no output directory."""
-    script = tmp_path / "fail.py"
-    script.write_text(FAILING_RANK_SCRIPT)
     out = tmp_path / "q"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), "quantize", *ARGS, "--num-samples", "16", "--max_len", "128", "--out_path",
-                        str(out)], capture_output=True, text=True, env=env, timeout=300)
+    p = _two_processes(tmp_path / "fail.py", FAILING_RANK_SCRIPT, "quantize", *ARGS, "--num-samples", "16",
+                       "--max_len", "128", "--out_path", str(out))
     assert p.returncode == 1, p.stderr[-3000:]
     assert time.monotonic() - started < 120
     assert "no space left on the device" in p.stderr, p.stderr[-3000:]
@@ -305,11 +310,7 @@ def test_gptaq_cross_products_are_summed_over_the_ranks(tmp_path):
     naming the problem), the result is the one process's (codes equal but for summation-order
     ties), the same weights on every rank, and fits the full-precision outputs better than
     plain GPTQ."""
-    script = tmp_path / "solve.py"
-    script.write_text(SOLVE_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script)], capture_output=True, text=True, env=env, timeout=300)
+    r = _two_processes(tmp_path / "solve.py", SOLVE_SCRIPT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert list(report) == ["owners", "split", "whole", "diverging"]
@@ -414,11 +415,7 @@ def test_experts_on_their_owners_compute_every_ranks_tokens(tmp_path):
     share summed in), each expert computes every rank's routed rows (or, calibrating all
     experts, every unpadded row) on its owner and on no other rank, and the rank with fewer
     batches joins the other's remaining calls."""
-    script = tmp_path / "experts.py"
-    script.write_text(EXPERTS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(script), str(tmp_path / "report")], capture_output=True, text=True, env=env, timeout=300)
+    r = _two_processes(tmp_path / "experts.py", EXPERTS_SCRIPT, str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report.{rank}").read_text()) for rank in range(2)]
     for report in reports:
