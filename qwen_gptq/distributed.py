@@ -603,8 +603,8 @@ class ExpertShare:
                 raise RuntimeError(f"the experts' call {self._call} has {rows} rows here, {had} in the kept pass")
             self._call += 1
             return out, most
-        sizes, self._joining = (self._joining, None) if self._joining is not None else (
-            self._sizes(rows, tensors[0].device), None)
+        sizes = self._joining if self._joining is not None else self._sizes(rows, tensors[0].device)
+        self._joining = None
         most = max(sizes)
         out = []
         with runtime.phase("experts' inputs"):

@@ -204,6 +204,7 @@ class UnfusedExperts(nn.ModuleList):
             m = self[e]
             y = m.down_proj(self.act_fn(m.gate_proj(x)) * m.up_proj(x))
             y = y[token_idx if row is None else row[token_idx]]
+            # (each expert's share rounded to the model's dtype, as the routed path rounds it, then summed in out's)
             out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(hidden_states.dtype).to(out.dtype))
         return out
 
